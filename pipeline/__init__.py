@@ -1,0 +1,1 @@
+"""captcha-crnn: train and serve CRNN captcha recognizers as a DVC pipeline."""

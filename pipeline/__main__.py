@@ -1,0 +1,129 @@
+"""`python -m pipeline COMMAND`: one command per stage; each reads params.yaml (or --params)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from pipeline.params import PipelineError, load_params
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except PipelineError as e:
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(2)
+
+
+params_option = click.option("--params", "params_path", default="params.yaml", show_default=True,
+                             type=click.Path(path_type=Path), help="params file to read")
+
+
+@click.group(cls=_Group)
+def cli():
+    """Train and serve CRNN captcha recognizers (see README)."""
+
+
+@cli.command()
+@params_option
+@click.option("--shards", default=None, metavar="START:END",
+              help="render only these global shard indices (train, then val, then test); no manifest")
+@click.option("--manifest-only", is_flag=True, help="rebuild data/manifest.parquet from the shards")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+def generate(params_path, shards, manifest_only, quiet):
+    """Render synthetic captchas into data/shards/ and write data/manifest.parquet."""
+    from pipeline.generate import generate as run
+
+    run(load_params(params_path).data, shards=shards, manifest_only=manifest_only, progress=not quiet)
+
+
+@cli.command()
+@click.argument("source", required=False, type=click.Path(path_type=Path))
+@params_option
+@click.option("--labels", type=click.Path(path_type=Path), default=None,
+              help="CSV/TSV of path,label (paths relative to SOURCE); default: labels from file names")
+@click.option("--skip-invalid", is_flag=True, help="skip invalid files (listed in reports/ingest.json)")
+def ingest(source, params_path, labels, skip_invalid):
+    """Ingest a folder of labelled captchas into data/ingest/ (shards + manifest)."""
+    from pipeline.ingest import ingest as run
+
+    params = load_params(params_path)
+    run(params.data, params.ingest, source=source, labels=labels, skip_invalid=skip_invalid)
+
+
+@cli.command()
+@params_option
+@click.option("--quiet", is_flag=True, help="no progress bar")
+def train(params_path, quiet):
+    """Train on the shards; write models/model.pt (best on val) and reports/train*."""
+    from pipeline.train import train as run
+
+    run(load_params(params_path), progress=not quiet)
+
+
+@cli.command()
+@params_option
+@click.option("--quiet", is_flag=True, help="no progress bar")
+def evaluate(params_path, quiet):
+    """Score models/model.pt on the test split; write reports/metrics.json and pictures."""
+    from pipeline.evaluate import evaluate as run
+
+    run(load_params(params_path), progress=not quiet)
+
+
+@cli.command()
+@params_option
+def export(params_path):
+    """Export models/model.pt to models/model.onnx and check parity on test images."""
+    from pipeline.export import export as run
+
+    run(load_params(params_path))
+
+
+model_option = click.option("--model", "model_path", default="models/model.pt", show_default=True,
+                            type=click.Path(path_type=Path), help="checkpoint to load")
+onnx_option = click.option("--onnx/--torch", "onnx", default=None,
+                           help="force onnxruntime or torch [default: ONNX when exported from this checkpoint]")
+
+
+@cli.command()
+@click.argument("inputs", nargs=-1, required=True)
+@model_option
+@onnx_option
+@click.option("--beam", default=1, show_default=True, type=click.IntRange(1, 64), help="CTC beam width")
+@click.option("--allowed", default=None, help="restrict the output to these characters")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
+def predict(inputs, model_path, onnx, beam, allowed, batch_size):
+    """Read images (files, folders, globs); print {"path", "text", "confidence"} per line."""
+    from pipeline.predict import check_allowed, expand_inputs, predict_paths
+    from pipeline.recognizer import Recognizer
+
+    recognizer = Recognizer(model_path, onnx=onnx)
+    check_allowed(recognizer, allowed)
+    failures = predict_paths(recognizer, expand_inputs(inputs), batch_size=batch_size, beam=beam, allowed=allowed)
+    sys.exit(1 if failures else 0)
+
+
+@cli.command()
+@model_option
+@onnx_option
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1), help="processes")
+@click.option("--threads", default=8, show_default=True, type=click.IntRange(1), help="threads per process")
+def serve(model_path, onnx, host, port, workers, threads):
+    """Serve POST /predict, GET /healthz and GET /model over HTTP (waitress)."""
+    from pipeline.serve import serve as run
+
+    run(model_path, host, port, workers=workers, threads=threads, onnx=onnx)
+
+
+def main():
+    cli(prog_name="python -m pipeline")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

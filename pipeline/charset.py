@@ -1,0 +1,108 @@
+"""Labels <-> class ids, and decoding of per-step class probabilities into text.
+
+Class 0 is the CTC blank (for the fixed-length `multihead` model: "no character at this
+position"); the charset's characters map to 1..N.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Charset:
+    chars: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.chars) + 1
+
+    def encode(self, label: str) -> list[int]:
+        index = {c: i + 1 for i, c in enumerate(self.chars)}
+        return [index[c] for c in label]
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[i - 1] for i in ids if i > 0)
+
+    def unknown(self, label: str) -> str:
+        """The characters of `label` that are not in the charset, in order, once each."""
+        return "".join(dict.fromkeys(c for c in label if c not in self.chars))
+
+    def mask(self, allowed: str | None) -> np.ndarray | None:
+        """Boolean mask over classes keeping the blank and `allowed` characters (None: all)."""
+        if not allowed:
+            return None
+        missing = self.unknown(allowed)
+        if missing:
+            raise ValueError(f"characters not in the model's charset: {missing!r}")
+        keep = np.zeros(self.num_classes, dtype=bool)
+        keep[0] = True
+        keep[self.encode(allowed)] = True
+        return keep
+
+
+def greedy_decode(probs: np.ndarray, collapse_repeats: bool = True) -> list[tuple[list[int], float]]:
+    """Best path decoding of (batch, time, classes) probabilities.
+
+    Repeats are collapsed *before* blanks are removed, so `A A - A` is `AA` and `6 - 6 - 6 - 6`
+    is `6666`. The confidence is the product of the per-step maximum probabilities: the
+    probability of the best path itself.
+    """
+    best = probs.argmax(axis=-1)
+    conf = np.take_along_axis(probs, best[..., None], axis=-1)[..., 0]
+    # products in log space: a float32 product of 30 probabilities underflows gracefully anyway
+    confidence = np.exp(np.log(np.clip(conf, 1e-30, 1.0)).sum(axis=-1))
+    results = []
+    for path, c in zip(best, confidence):
+        if collapse_repeats:
+            keep = np.ones(len(path), dtype=bool)
+            keep[1:] = path[1:] != path[:-1]
+            path = path[keep]
+        results.append(([int(i) for i in path if i != 0], float(c)))
+    return results
+
+
+def decode(probs: np.ndarray, beam_width: int = 1, collapse_repeats: bool = True):
+    """Greedy decoding for beam width 1 (or fixed-length heads), else CTC prefix beam search."""
+    if beam_width <= 1 or not collapse_repeats:
+        return greedy_decode(probs, collapse_repeats)
+    return beam_decode(probs, beam_width)
+
+
+def beam_decode(probs: np.ndarray, beam_width: int) -> list[tuple[list[int], float]]:
+    """CTC prefix beam search over (batch, time, classes) probabilities.
+
+    Returns, for each sample, the most probable label sequence summed over all its alignments
+    and that probability (in [0, 1]).
+    """
+    return [_prefix_beam(p.astype(np.float64), beam_width) for p in probs]
+
+
+def _prefix_beam(probs: np.ndarray, beam_width: int) -> tuple[list[int], float]:
+    # Each prefix keeps two probabilities: of ending in a blank, and of ending in its last label.
+    beams: dict[tuple[int, ...], tuple[float, float]] = {(): (1.0, 0.0)}
+    for step in probs:
+        # Prune classes too unlikely to matter; keep at least the best few.
+        candidates = [c for c in np.argsort(step)[::-1][: max(beam_width, 4)] if c != 0]
+        blank = float(step[0])
+        nxt: dict[tuple[int, ...], list[float]] = {}
+
+        def add(prefix, pb=0.0, pnb=0.0):
+            entry = nxt.setdefault(prefix, [0.0, 0.0])
+            entry[0] += pb
+            entry[1] += pnb
+
+        for prefix, (pb, pnb) in beams.items():
+            add(prefix, pb=(pb + pnb) * blank)
+            for c in candidates:
+                p = float(step[c])
+                if prefix and prefix[-1] == c:
+                    add(prefix, pnb=pnb * p)  # repeat without a blank in between: same label
+                    add(prefix + (c,), pnb=pb * p)  # repeat after a blank: a new label
+                else:
+                    add(prefix + (c,), pnb=(pb + pnb) * p)
+        ranked = sorted(nxt.items(), key=lambda kv: kv[1][0] + kv[1][1], reverse=True)
+        beams = {k: (v[0], v[1]) for k, v in ranked[:beam_width]}
+    prefix, (pb, pnb) = max(beams.items(), key=lambda kv: kv[1][0] + kv[1][1])
+    return list(prefix), float(min(1.0, pb + pnb))

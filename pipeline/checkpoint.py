@@ -1,0 +1,76 @@
+"""models/model.pt: the weights plus everything inference needs, loadable with weights_only=True."""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.charset import Charset
+from pipeline.files import atomic_write
+from pipeline.models import ARCHS, build_model
+from pipeline.params import PipelineError
+from pipeline.preprocess import Preprocess
+
+FORMAT = 1
+
+
+@dataclass
+class Bundle:
+    """A model ready for inference: the module (eval mode) and how to feed and decode it."""
+
+    model: nn.Module
+    arch: str
+    settings: dict
+    charset: Charset
+    max_length: int
+    preprocess: Preprocess
+    info: dict
+
+    @property
+    def ctc(self) -> bool:
+        return ARCHS[self.arch].ctc
+
+
+def checkpoint_dict(model: nn.Module, arch: str, settings: dict, charset: str, max_length: int,
+                    preprocess: Preprocess, info: dict | None = None, **extra) -> dict:
+    return {
+        "format": FORMAT, "arch": arch, "settings": settings, "charset": charset,
+        "max_length": max_length, "preprocess": preprocess.to_dict(),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "info": info or {}, **extra,
+    }
+
+
+def save(path: Path, checkpoint: dict) -> None:
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    atomic_write(path, lambda f: f.write(buffer.getbuffer()))
+
+
+def read(path: Path) -> dict:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: checkpoint not found; run the train stage first") from None
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means "not our checkpoint"
+        raise PipelineError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or ckpt.get("arch") not in ARCHS:
+        raise PipelineError(f"{path}: not a captcha-crnn checkpoint (format {FORMAT})")
+    return ckpt
+
+
+def model_from(ckpt: dict) -> nn.Module:
+    model = build_model(ckpt["arch"], ckpt["settings"], len(ckpt["charset"]) + 1, ckpt["max_length"])
+    model.load_state_dict(ckpt["state_dict"])
+    return model
+
+
+def load(path: Path) -> Bundle:
+    ckpt = read(path)
+    model = model_from(ckpt).eval()
+    return Bundle(model=model, arch=ckpt["arch"], settings=ckpt["settings"],
+                  charset=Charset(ckpt["charset"]), max_length=ckpt["max_length"],
+                  preprocess=Preprocess.from_dict(ckpt["preprocess"]), info=ckpt.get("info", {}))

@@ -1,0 +1,131 @@
+"""The `evaluate` stage: the best checkpoint over the test split -> metrics, confusions, errors."""
+from __future__ import annotations
+
+import csv
+import io
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.compute as pc
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+from pipeline import checkpoint
+from pipeline.device import pick_device, pick_precision
+from pipeline.files import atomic_write, write_json
+from pipeline.inference import predict_batches
+from pipeline.metrics import align, compute_metrics
+from pipeline.params import Params, PipelineError
+from pipeline.shards import ShardStream, iter_tar, loader_workers, make_loader, read_manifest, split_shards
+from pipeline.train import DEFAULT_SOURCES
+
+
+@dataclass(frozen=True)
+class Paths:
+    model: Path = Path("models/model.pt")
+    metrics: Path = Path("reports/metrics.json")
+    confusion: Path = Path("reports/confusion.csv")
+    errors: Path = Path("reports/errors.png")
+
+
+def evaluate(params: Params, paths: Paths = Paths(), progress: bool = True) -> dict:
+    ep = params.evaluate
+    bundle = checkpoint.load(paths.model)
+    device = pick_device(ep.device)
+    precision = pick_precision(ep.precision, device)
+    bundle.model.to(device)
+
+    sources = params.train.sources or DEFAULT_SOURCES
+    key_source, shards = {}, []
+    for manifest in sources:
+        table = read_manifest(Path(manifest))
+        shards += split_shards(table, "test")
+        name = _source_name(table, manifest)
+        test_keys = table.filter(pc.equal(table["split"], "test"))["key"].to_pylist()
+        key_source.update(dict.fromkeys(test_keys, name))
+    if not shards:
+        raise PipelineError(f"evaluate: no test samples in {', '.join(sources)}")
+    n_total = sum(n for _, n in shards)
+
+    def transform(png, label, rng):
+        return bundle.preprocess(png), []  # no targets needed: labels are compared as text
+
+    stream = ShardStream([s for s, _ in shards], transform, ep.batch_size)
+    loader = make_loader(stream, loader_workers(len(shards), 1, ep.workers, "test"))
+    truths, preds, confs, keys = [], [], [], []
+    started = time.perf_counter()
+    with torch.inference_mode(), tqdm(total=n_total, unit="img", desc="evaluate", file=sys.stderr,
+                                      disable=not progress) as bar:
+        for truth, pred, conf, key in predict_batches(bundle.model, loader, device, precision,
+                                                      bundle.charset, bundle.ctc):
+            truths.append(truth)
+            preds.append(pred)
+            confs.append(conf)
+            keys.append(key)
+            bar.update(1)
+    seconds = time.perf_counter() - started
+
+    metrics = compute_metrics(truths, preds, confs, ep.thresholds)
+    metrics["images_per_second"] = round(len(truths) / seconds, 1)
+    metrics["device"] = str(device)
+    metrics["model"] = {"arch": bundle.arch, "epoch": bundle.info.get("epoch"),
+                        "val_seq_accuracy": bundle.info.get("val_seq_accuracy")}
+    if len(set(key_source.values())) > 1:
+        metrics["per_source"] = {}
+        for name in sorted(set(key_source.values())):
+            idx = [i for i, k in enumerate(keys) if key_source[k] == name]
+            sub = compute_metrics([truths[i] for i in idx], [preds[i] for i in idx], [confs[i] for i in idx])
+            metrics["per_source"][name] = {k: sub[k] for k in ("seq_accuracy", "char_accuracy", "cer", "n")}
+    write_json(paths.metrics, metrics)
+    write_confusion(paths.confusion, truths, preds)
+    errors = [(k, t, p, c) for k, t, p, c in zip(keys, truths, preds, confs) if t != p][: ep.error_grid]
+    write_error_grid(paths.errors, errors, shards)
+    print(f"test: seq accuracy {metrics['seq_accuracy']:.4f}, char accuracy {metrics['char_accuracy']:.4f}, "
+          f"CER {metrics['cer']:.4f}, n {metrics['n']}", file=sys.stderr)
+    return metrics
+
+
+def _source_name(table, manifest: str) -> str:
+    values = pc.unique(table["source"]).to_pylist() if "source" in table.column_names else []
+    return values[0] if len(values) == 1 else manifest
+
+
+def write_confusion(path: Path, truths: list[str], preds: list[str]) -> None:
+    """Every aligned character pair (actual, predicted): DVC's confusion template counts them."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["actual", "predicted"])
+    for t, p in zip(truths, preds):
+        writer.writerows(align(t, p)[1])
+    atomic_write(path, lambda f: f.write(out.getvalue().encode("utf-8")))
+
+
+def write_error_grid(path: Path, errors: list[tuple[str, str, str, float]], shards, columns: int = 8) -> None:
+    """A grid of misread images, truth and prediction under each."""
+    wanted = {k for k, *_ in errors}
+    images = {}
+    for shard, _ in shards:
+        if len(images) == len(wanted):
+            break
+        for sample in iter_tar(Path(shard)):
+            if sample["__key__"] in wanted:
+                images[sample["__key__"]] = sample["png"]
+    cell_w, cell_h, text_h = 128, 64, 30
+    rows = max(1, -(-len(errors) // columns))
+    grid = Image.new("RGB", (columns * cell_w, rows * (cell_h + text_h)), "white")
+    draw = ImageDraw.Draw(grid)
+    font = ImageFont.load_default(size=12)
+    if not errors:
+        draw.text((8, 8), "no errors on the test split", fill="black", font=font)
+    for i, (key, truth, pred, conf) in enumerate(errors):
+        x, y = (i % columns) * cell_w, (i // columns) * (cell_h + text_h)
+        img = Image.open(io.BytesIO(images[key])).convert("RGB")
+        grid.paste(img.resize((cell_w, cell_h)), (x, y))
+        draw.text((x + 4, y + cell_h + 1), f"true {truth}", fill="black", font=font)
+        draw.text((x + 4, y + cell_h + 15), f"read {pred or '-'} {conf:.2f}", fill="firebrick", font=font)
+    buffer = io.BytesIO()
+    grid.save(buffer, format="PNG")
+    atomic_write(path, lambda f: f.write(buffer.getvalue()))

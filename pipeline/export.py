@@ -1,0 +1,80 @@
+"""The `export` stage: models/model.pt -> models/model.onnx (dynamic batch), parity-checked."""
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from pipeline import checkpoint
+from pipeline.files import atomic_write, write_json
+from pipeline.inference import decode_texts, softmax
+from pipeline.params import Params, PipelineError
+from pipeline.recognizer import file_sha256, onnx_session
+from pipeline.shards import iter_tar, read_manifest, split_shards
+from pipeline.train import DEFAULT_SOURCES
+
+
+def export(params: Params, model_path: Path = Path("models/model.pt"),
+           onnx_path: Path = Path("models/model.onnx"), report: Path = Path("reports/export.json")) -> dict:
+    ep = params.export
+    bundle = checkpoint.load(model_path)
+    p = bundle.preprocess
+    buffer = io.BytesIO()
+    torch.onnx.export(
+        bundle.model, (torch.zeros(2, p.channels, p.height, p.width),), buffer,
+        input_names=["images"], output_names=["logits"],
+        dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+        opset_version=ep.opset, dynamo=False,
+    )
+    proto = onnx.load_from_string(buffer.getvalue())
+    meta = {"checkpoint_sha256": file_sha256(model_path), "arch": bundle.arch,
+            "charset": bundle.charset.chars, "ctc": str(bundle.ctc).lower(),
+            "preprocess": json.dumps(p.to_dict())}
+    for key, value in meta.items():
+        proto.metadata_props.add(key=key, value=value)
+    data = proto.SerializeToString()
+
+    images = parity_images(params, ep.parity_samples)
+    batch = p.batch(images)
+    with torch.inference_mode():
+        expected = bundle.model(torch.from_numpy(batch)).float().numpy()
+    tmp_model = onnx_path.with_name(f".{onnx_path.name}.parity")
+    tmp_model.parent.mkdir(parents=True, exist_ok=True)
+    tmp_model.write_bytes(data)
+    try:
+        got = onnx_session(tmp_model).run(None, {"images": batch})[0]
+    finally:
+        tmp_model.unlink(missing_ok=True)
+    diff = float(np.abs(got - expected).max()) if len(batch) else 0.0
+    texts_torch = [t for t, _ in decode_texts(softmax(expected), bundle.charset, bundle.ctc)]
+    texts_onnx = [t for t, _ in decode_texts(softmax(got), bundle.charset, bundle.ctc)]
+    mismatched = sum(a != b for a, b in zip(texts_torch, texts_onnx))
+    result = {"samples": len(batch), "max_abs_logit_diff": diff, "text_mismatches": mismatched,
+              "atol": ep.atol, "opset": ep.opset, "bytes": len(data)}
+    if mismatched or diff > ep.atol:
+        raise PipelineError(f"{onnx_path}: parity check failed ({mismatched} texts differ, max logit "
+                            f"difference {diff:.2e} > export.atol {ep.atol}); nothing written")
+    atomic_write(onnx_path, lambda f: f.write(data))
+    write_json(report, result)
+    print(f"exported {onnx_path}: parity on {len(batch)} test images, max logit difference {diff:.1e}",
+          file=sys.stderr)
+    return result
+
+
+def parity_images(params: Params, count: int) -> list[bytes]:
+    """The first `count` test images of the training sources (PNG bytes)."""
+    images: list[bytes] = []
+    for manifest in params.train.sources or DEFAULT_SOURCES:
+        for shard, _ in split_shards(read_manifest(Path(manifest)), "test"):
+            for sample in iter_tar(Path(shard)):
+                if len(images) >= count:
+                    return images
+                images.append(sample["png"])
+    if not images:
+        raise PipelineError("export: no test images to check parity on")
+    return images

@@ -1,0 +1,129 @@
+"""The `generate` stage: render synthetic captchas into shards, then build the manifest.
+
+Every sample is a pure function of (data.seed, split, index): its label and its renderer seed
+come from a hash of those, so any subset of shards can be rendered anywhere, in any order, by
+any number of workers, and give the same bytes.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import random
+import shutil
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from pipeline.params import DataParams, PipelineError
+from pipeline.render import Renderer, check_fonts_cover
+from pipeline.shards import Sample, derive_seed, scan_shards, shard_path, write_manifest, write_shard
+
+SHARDS_DIR = Path("data/shards")
+MANIFEST = Path("data/manifest.parquet")
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    split: str
+    index: int  # shard index within the split
+    start: int  # first sample index within the split
+    count: int
+
+
+def plan_shards(data: DataParams) -> list[ShardJob]:
+    """All shards of all splits, in global order (train, val, test)."""
+    jobs = []
+    for split, total in data.splits.items():
+        for index, start in enumerate(range(0, total, data.shard_size)):
+            jobs.append(ShardJob(split, index, start, min(data.shard_size, total - start)))
+    return jobs
+
+
+def sample_spec(data: DataParams, split: str, i: int) -> tuple[str, str, int]:
+    """(key, label, render seed) of sample i of a split. Characters are uniform per position."""
+    seed = derive_seed(data.seed, split, i)
+    rng = random.Random(seed)
+    length = rng.randint(data.min_length, data.max_length)
+    label = "".join(rng.choice(data.charset) for _ in range(length))
+    return f"{split}_{i:08d}", label, seed
+
+
+def render_shard(data: DataParams, job: ShardJob, root: Path) -> list[dict]:
+    renderer = Renderer.from_params(data)
+
+    def samples():
+        for i in range(job.start, job.start + job.count):
+            key, label, seed = sample_spec(data, job.split, i)
+            yield Sample(key, renderer.png(label, seed), label, {"source": "synthetic", "seed": seed})
+
+    path = shard_path(root, job.split, job.index)
+    write_shard(path, samples())
+    return job.count
+
+
+def parse_range(text: str, total: int) -> range:
+    """'a:b' (either side may be empty) or 'n' -> a range of global shard indices."""
+    try:
+        if ":" in text:
+            lo, hi = text.split(":", 1)
+            return range(int(lo) if lo else 0, min(int(hi) if hi else total, total))
+        return range(int(text), int(text) + 1)
+    except ValueError:
+        raise PipelineError(f"--shards: expected START:END or N, got {text!r}") from None
+
+
+def generate(data: DataParams, shards: str | None = None, manifest_only: bool = False,
+             root: Path = SHARDS_DIR, manifest: Path = MANIFEST, progress: bool = True) -> dict:
+    check_fonts_cover(data)
+    jobs = plan_shards(data)
+    started = time.perf_counter()
+    if not manifest_only:
+        selected = jobs if shards is None else [jobs[i] for i in parse_range(shards, len(jobs))]
+        if shards is None and root.exists():
+            shutil.rmtree(root)  # a full run replaces every shard, stale ones included
+        _render(data, selected, root, progress)
+        if shards is not None:
+            print(f"rendered {len(selected)} of {len(jobs)} shards; when all are done, "
+                  f"run `generate --manifest-only` to write the manifest", file=sys.stderr)
+            return {"shards": len(selected)}
+    missing = [shard_path(root, j.split, j.index) for j in jobs if not shard_path(root, j.split, j.index).exists()]
+    if missing:
+        raise PipelineError(f"{missing[0]}: shard missing ({len(missing)} of {len(jobs)}); render it with --shards")
+    rows = scan_shards([(str(shard_path(root, j.split, j.index)), j.split) for j in jobs], data.workers)
+    write_manifest(rows, manifest)
+    summary = summarize(rows, time.perf_counter() - started)
+    print(format_summary(summary), file=sys.stderr)
+    return summary
+
+
+def _render(data: DataParams, jobs: list[ShardJob], root: Path, progress: bool) -> None:
+    bar = tqdm(total=sum(j.count for j in jobs), unit="img", disable=not progress, file=sys.stderr,
+               desc="generate", smoothing=0.1)
+    with bar:
+        if data.workers == 1 or len(jobs) <= 1:
+            for job in jobs:
+                bar.update(render_shard(data, job, root))
+            return
+        ctx = multiprocessing.get_context("fork")
+        with ctx.Pool(min(data.workers, len(jobs))) as pool:
+            results = [pool.apply_async(render_shard, (data, job, root)) for job in jobs]
+            for r in results:
+                bar.update(r.get())
+
+
+def summarize(rows: list[dict], seconds: float) -> dict:
+    return {
+        "per_split": dict(Counter(r["split"] for r in rows)),
+        "lengths": dict(sorted(Counter(r["length"] for r in rows).items())),
+        "seconds": round(seconds, 1),
+        "images_per_second": round(len(rows) / seconds, 1) if seconds else None,
+    }
+
+
+def format_summary(s: dict) -> str:
+    splits = ", ".join(f"{k} {v}" for k, v in s["per_split"].items())
+    lengths = ", ".join(f"{k}: {v}" for k, v in s["lengths"].items())
+    return f"samples: {splits}; label lengths: {lengths}; {s['seconds']} s"

@@ -1,0 +1,212 @@
+"""The `ingest` stage: a folder of labelled captchas -> shards and a manifest like `generate`'s.
+
+Labels come from the file names (a regex with a `label` group) or from a CSV/TSV of path,label.
+Everything is validated before anything is written; each image lands in the split chosen by a
+hash of its bytes, so adding images never moves an existing one, and duplicates share a split.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import re
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from pipeline.files import write_json
+from pipeline.params import DataParams, IngestParams, PipelineError
+from pipeline.shards import Sample, scan_shards, shard_path, write_manifest, write_shard
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp"}
+FORMATS = {"PNG", "JPEG", "GIF", "BMP", "WEBP"}
+
+
+@dataclass
+class Report:
+    invalid: list[dict] = field(default_factory=list)  # {"file", "reason"}
+    duplicates: list[dict] = field(default_factory=list)  # {"file", "same_as"}
+    ignored: list[str] = field(default_factory=list)  # files that are not images by extension
+    per_split: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"invalid": self.invalid, "duplicates": self.duplicates, "ignored": self.ignored,
+                "per_split": self.per_split, "kept": sum(self.per_split.values())}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    file: str  # relative to the source folder, '/'-separated
+    label: str
+    data: bytes
+    digest: str  # sha256 of the original bytes
+
+
+def read_labels_file(path: Path) -> dict[str, str]:
+    """CSV or TSV of path,label (a header row `path,label` is optional)."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except OSError as e:
+        raise PipelineError(f"{path}: cannot read labels file ({e.strerror})") from None
+    dialect = "excel-tab" if path.suffix.lower() == ".tsv" or "\t" in text.split("\n", 1)[0] else "excel"
+    labels = {}
+    for i, row in enumerate(csv.reader(io.StringIO(text), dialect)):
+        if not row or (i == 0 and [c.strip().lower() for c in row[:2]] == ["path", "label"]):
+            continue
+        if len(row) < 2:
+            raise PipelineError(f"{path}:{i + 1}: expected path and label columns")
+        labels[row[0].strip().replace("\\", "/")] = row[1].strip()
+    return labels
+
+
+def collect(source: Path, ip: IngestParams, labels_file: Path | None) -> tuple[list[Candidate], Report]:
+    if not source.is_dir():
+        raise PipelineError(f"{source}: ingest source folder not found (ingest.source)")
+    report = Report()
+    files = sorted(p for p in source.rglob("*") if p.is_file() and not p.name.startswith("."))
+    table = read_labels_file(labels_file) if labels_file else None
+    pattern = re.compile(ip.pattern)
+    candidates = []
+    for path in files:
+        rel = path.relative_to(source).as_posix()
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            if not (labels_file and path.resolve() == labels_file.resolve()):
+                report.ignored.append(rel)
+            continue
+        if table is not None:
+            label = table.get(rel)
+            if label is None:
+                report.invalid.append({"file": rel, "reason": "no label in the labels file"})
+                continue
+        else:
+            match = pattern.search(path.name)
+            label = match.group("label") if match else None
+            if label is None:
+                report.invalid.append({"file": rel, "reason": f"file name does not match ingest.pattern {ip.pattern!r}"})
+                continue
+        data = path.read_bytes()
+        candidates.append(Candidate(rel, label, data, hashlib.sha256(data).hexdigest()))
+    if table is not None:
+        listed = set(table) - {c.file for c in candidates} - {x["file"] for x in report.invalid}
+        report.invalid += [{"file": f, "reason": "listed in the labels file but not found"} for f in sorted(listed)]
+    return candidates, report
+
+
+def fold(label: str, case: str) -> str:
+    return {"keep": label, "upper": label.upper(), "lower": label.lower()}[case]
+
+
+def validate(candidates: list[Candidate], data: DataParams, ip: IngestParams, report: Report) -> list[Candidate]:
+    """Drop (and report) bad labels, unreadable images, conflicts; keep one of each duplicate."""
+    good: list[Candidate] = []
+    for c in candidates:
+        label = fold(c.label, ip.case)
+        unknown = "".join(dict.fromkeys(ch for ch in label if ch not in data.charset))
+        reason = None
+        if not label:
+            reason = "empty label"
+        elif unknown:
+            reason = f"characters not in data.charset: {unknown!r}"
+        elif len(label) > data.max_length:
+            reason = f"label of {len(label)} characters is longer than data.max_length {data.max_length}"
+        else:
+            reason = check_image(c.data)
+        if reason:
+            report.invalid.append({"file": c.file, "reason": reason})
+        else:
+            good.append(Candidate(c.file, label, c.data, c.digest))
+    by_digest: dict[str, list[Candidate]] = {}
+    for c in good:
+        by_digest.setdefault(c.digest, []).append(c)
+    kept = []
+    for digest, group in by_digest.items():
+        if len({c.label for c in group}) > 1:
+            names = ", ".join(f"{c.file}={c.label}" for c in group)
+            report.invalid += [{"file": c.file, "reason": f"same image, different labels: {names}"} for c in group]
+            continue
+        kept.append(group[0])
+        report.duplicates += [{"file": c.file, "same_as": group[0].file} for c in group[1:]]
+    return sorted(kept, key=lambda c: c.digest)
+
+
+def check_image(data: bytes) -> str | None:
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.format not in FORMATS:
+                return f"unsupported format {im.format}"
+            im.load()
+    except Exception as e:  # noqa: BLE001 - any decoder failure means unreadable
+        return f"unreadable image ({type(e).__name__}: {e})"
+    return None
+
+
+def as_png(data: bytes) -> tuple[bytes, str]:
+    """The original bytes if PNG, else the first frame re-encoded losslessly as PNG."""
+    with Image.open(io.BytesIO(data)) as im:
+        fmt = im.format
+        if fmt == "PNG":
+            return data, fmt
+        im.seek(0)
+        frame = im.copy()
+    if frame.mode not in ("1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16"):
+        frame = frame.convert("RGBA" if "A" in frame.mode else "RGB")  # CMYK, YCbCr: not in PNG
+    out = io.BytesIO()
+    frame.save(out, format="PNG")
+    return out.getvalue(), fmt
+
+
+def assign_split(digest: str, fractions: dict[str, float]) -> str:
+    point = int(digest[:16], 16) / 16**16
+    edge = 0.0
+    for split in ("train", "val", "test"):
+        edge += fractions.get(split, 0.0)
+        if point < edge:
+            return split
+    return "test"
+
+
+def ingest(data: DataParams, ip: IngestParams, source: Path | None = None, labels: Path | None = None,
+           skip_invalid: bool = False, report_path: Path = Path("reports/ingest.json")) -> dict:
+    source = Path(source or ip.source or "")
+    if not str(source) or str(source) == ".":
+        raise PipelineError("ingest.source: no folder given (set ingest.source or pass SOURCE)")
+    labels = labels or (Path(ip.labels) if ip.labels else None)
+    candidates, report = collect(source, ip, labels)
+    kept = validate(candidates, data, ip, report)
+    if report.invalid:
+        for bad in report.invalid:
+            print(f"{bad['file']}: {bad['reason']}", file=sys.stderr)
+        if not skip_invalid:
+            write_json(report_path, report.to_dict())
+            raise PipelineError(f"{source}: {len(report.invalid)} invalid file(s), listed above and in "
+                                f"{report_path}; fix them or pass --skip-invalid")
+    out = Path(ip.out)
+    root = out / "shards"
+    splits: dict[str, list[Candidate]] = {"train": [], "val": [], "test": []}
+    for c in kept:
+        splits[assign_split(c.digest, ip.fractions)].append(c)
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    jobs = []
+    for split, items in splits.items():
+        for index, start in enumerate(range(0, len(items), ip.shard_size)):
+            chunk = items[start:start + ip.shard_size]
+            write_shard(shard_path(root, split, index), (_sample(c) for c in chunk))
+            jobs.append((str(shard_path(root, split, index)), split))
+    rows = scan_shards(jobs, workers=1)
+    write_manifest(rows, out / "manifest.parquet")
+    report.per_split = {k: len(v) for k, v in splits.items()}
+    write_json(report_path, report.to_dict())
+    print(f"ingested {len(kept)} images from {source}: " + ", ".join(f"{k} {v}" for k, v in report.per_split.items())
+          + f"; {len(report.duplicates)} duplicates, {len(report.invalid)} invalid skipped", file=sys.stderr)
+    return report.to_dict()
+
+
+def _sample(c: Candidate) -> Sample:
+    png, fmt = as_png(c.data)
+    return Sample(f"ingest_{c.digest[:24]}", png, c.label,
+                  {"source": "ingest", "original": c.file, "format": fmt, "original_sha256": c.digest})

@@ -1,0 +1,42 @@
+"""The first seed's CRNN: VGG-style 7-conv CNN (64..512, BatchNorm on the later layers) + 2 BiLSTM."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pipeline.models.layers import InputSettings, conv_bn_relu
+
+
+@dataclass(frozen=True)
+class Settings(InputSettings):
+    height: int = 32
+    width: int = 128
+    channels: int = 1
+    hidden: int = 256
+
+
+class CRNN(nn.Module):
+    def __init__(self, s: Settings, num_classes: int, max_length: int):
+        super().__init__()
+        if s.height != 32:
+            from pipeline.params import ParamsError
+
+            raise ParamsError("model.crnn.height: the CRNN's pooling needs 32 px high input")
+        self.cnn = nn.Sequential(
+            *conv_bn_relu(s.channels, 64, bn=False), nn.MaxPool2d(2, 2),
+            *conv_bn_relu(64, 128, bn=False), nn.MaxPool2d(2, 2),
+            *conv_bn_relu(128, 256, bn=False), *conv_bn_relu(256, 256, bn=False), nn.MaxPool2d((2, 1), (2, 1)),
+            *conv_bn_relu(256, 512), *conv_bn_relu(512, 512), nn.MaxPool2d((2, 1), (2, 1)),
+            *conv_bn_relu(512, 512, kernel=2, padding=0),  # height 2 -> 1
+        )
+        self.rnn1 = nn.LSTM(512, s.hidden, bidirectional=True, batch_first=True)
+        self.proj1 = nn.Linear(2 * s.hidden, s.hidden)
+        self.rnn2 = nn.LSTM(s.hidden, s.hidden, bidirectional=True, batch_first=True)
+        self.classifier = nn.Linear(2 * s.hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seq = self.cnn(x).squeeze(2).transpose(1, 2)  # (B, W, 512)
+        seq = self.proj1(self.rnn1(seq)[0])
+        return self.classifier(self.rnn2(seq)[0])

@@ -1,0 +1,66 @@
+"""`predict`: read files, folders and globs; print one JSON line per image."""
+from __future__ import annotations
+
+import glob
+import json
+import sys
+from pathlib import Path
+from typing import Iterable, Iterator, TextIO
+
+from pipeline.params import PipelineError
+from pipeline.preprocess import load_image
+from pipeline.recognizer import Recognizer
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+def expand_inputs(inputs: Iterable[str]) -> Iterator[Path]:
+    """Files as given; folders for image files by extension (sorted); globs expanded."""
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.exists():
+            yield path
+        else:
+            matches = sorted(glob.glob(item, recursive=True))
+            if not matches:
+                yield path  # reported as unreadable below
+            yield from (Path(m) for m in matches if Path(m).is_file())
+
+
+def predict_paths(recognizer: Recognizer, paths: Iterable[Path], out: TextIO = sys.stdout,
+                  batch_size: int = 64, beam: int = 1, allowed: str | None = None) -> int:
+    """Write one JSON object per path; return the number of unreadable files."""
+    failures = 0
+    batch: list[tuple[Path, object]] = []
+
+    def flush():
+        if not batch:
+            return
+        arrays = recognizer.preprocess.batch([img for _, img in batch])
+        for (path, _), pred in zip(batch, recognizer.predict_arrays(arrays, beam, allowed)):
+            out.write(json.dumps({"path": str(path), "text": pred.text, "confidence": round(pred.confidence, 6)}) + "\n")
+        out.flush()
+        batch.clear()
+
+    for path in paths:
+        try:
+            image = load_image(path)
+        except (OSError, ValueError) as e:
+            flush()  # keep the output in input order
+            failures += 1
+            out.write(json.dumps({"path": str(path), "error": str(e)}) + "\n")
+            continue
+        batch.append((path, image))
+        if len(batch) >= batch_size:
+            flush()
+    flush()
+    return failures
+
+
+def check_allowed(recognizer: Recognizer, allowed: str | None) -> None:
+    try:
+        recognizer.charset.mask(allowed)
+    except ValueError as e:
+        raise PipelineError(f"--allowed: {e}") from None

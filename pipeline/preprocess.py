@@ -1,0 +1,108 @@
+"""Image -> model input: the one function that training, evaluation, prediction, serving and the
+ONNX path all use. The checkpoint records its settings (`Preprocess.to_dict`).
+
+Any input is accepted: a path, bytes, a PIL image or a numpy array, of any mode (RGB, RGBA, L,
+LA, P, 1, I;16, I, F) and size. Transparency is composited onto white, 16-bit and float images
+are scaled to 8 bits, then the image is converted to the model's channels and resized to its
+input size (bilinear, with antialiasing when shrinking).
+"""
+from __future__ import annotations
+
+import io
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    height: int
+    width: int
+    channels: int  # 1 or 3
+    mean: float = 0.5
+    std: float = 0.5
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocess":
+        return cls(**d)
+
+    def __call__(self, image, rng: random.Random | None = None, augment: float = 0.0) -> np.ndarray:
+        """One image -> (channels, height, width) float32, normalised."""
+        pil = to_model_mode(load_image(image), self.channels)
+        box = None
+        if rng is not None and augment > 0 and rng.random() < augment:
+            box = _random_crop(pil.size, rng)
+        pil = pil.resize((self.width, self.height), Image.Resampling.BILINEAR, box=box)
+        arr = np.asarray(pil, dtype=np.float32)
+        arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+        return (arr * (1 / 255) - self.mean) * (1 / self.std)
+
+    def batch(self, images) -> np.ndarray:
+        return np.stack([self(im) for im in images]) if images else np.zeros(
+            (0, self.channels, self.height, self.width), np.float32)
+
+
+def load_image(image) -> Image.Image:
+    """Open paths and bytes (first frame of animations), wrap arrays; raise ValueError if not an image."""
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, np.ndarray):
+        return _from_array(image)
+    if isinstance(image, (str, Path)):
+        data = Path(image).read_bytes()
+    elif isinstance(image, (bytes, bytearray, memoryview)):
+        data = bytes(image)
+    else:
+        raise TypeError(f"cannot read an image from {type(image).__name__}")
+    try:
+        pil = Image.open(io.BytesIO(data))
+        pil.load()  # decode now: truncated files fail here, not later
+    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(f"not a readable image ({e})") from None
+    return pil
+
+
+def _from_array(arr: np.ndarray) -> Image.Image:
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
+        raise ValueError(f"array of shape {arr.shape} is not an image (H x W, H x W x 3 or 4)")
+    if arr.dtype == np.uint16:
+        arr = (arr // 257).astype(np.uint8)
+    elif arr.dtype.kind == "f":
+        arr = np.clip(arr * 255 if arr.max(initial=0) <= 1.0 else arr, 0, 255).astype(np.uint8)
+    elif arr.dtype != np.uint8:
+        arr = np.clip(arr, 0, 255).astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(arr))
+
+
+def to_model_mode(pil: Image.Image, channels: int) -> Image.Image:
+    """Any PIL mode -> 'L' (channels 1) or 'RGB' (channels 3)."""
+    if pil.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(pil, dtype=np.float64)
+        scale = 1 / 257 if pil.mode.startswith("I;16") or arr.max(initial=0) > 255 else 1.0
+        if pil.mode == "F" and arr.max(initial=0) <= 1.0:
+            scale = 255.0
+        pil = Image.fromarray(np.clip(arr * scale, 0, 255).astype(np.uint8))
+    if pil.mode == "P":
+        pil = pil.convert("RGBA" if "transparency" in pil.info else "RGB")
+    if pil.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGBA", pil.size, (255, 255, 255, 255))
+        pil = Image.alpha_composite(background, pil.convert("RGBA"))
+    target = "L" if channels == 1 else "RGB"
+    return pil if pil.mode == target else pil.convert(target)
+
+
+def _random_crop(size: tuple[int, int], rng: random.Random, most: float = 0.08) -> tuple[float, ...]:
+    """A box cutting up to `most` of the width/height off each side: a small random zoom and shift."""
+    w, h = size
+    left, right = rng.uniform(0, most) * w, rng.uniform(0, most) * w
+    top, bottom = rng.uniform(0, most) * h, rng.uniform(0, most) * h
+    return (left, top, w - right, h - bottom)

@@ -1,0 +1,90 @@
+"""Inference for new images: load a checkpoint (or its ONNX export), preprocess, batch, decode."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline import checkpoint
+from pipeline.inference import decode_texts, softmax
+from pipeline.params import PipelineError
+
+
+@dataclass(frozen=True)
+class Prediction:
+    text: str
+    confidence: float
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+class Recognizer:
+    """Reads text from images with a trained model.
+
+    `onnx=None` picks onnxruntime when `<model>.onnx` exists and was exported from this very
+    checkpoint (its metadata records the checkpoint's sha256); True insists on it, False uses torch.
+    """
+
+    def __init__(self, model_path: str | Path = "models/model.pt", onnx: bool | None = None,
+                 onnx_path: str | Path | None = None, threads: int | None = None):
+        model_path = Path(model_path)
+        self.bundle = checkpoint.load(model_path)
+        self.preprocess = self.bundle.preprocess
+        self.charset = self.bundle.charset
+        onnx_path = Path(onnx_path) if onnx_path else model_path.with_suffix(".onnx")
+        if onnx is None:
+            onnx = onnx_path.exists() and onnx_matches(onnx_path, model_path)
+        self.session = None
+        if onnx:
+            self.session = onnx_session(onnx_path, threads)
+        elif threads:
+            torch.set_num_threads(threads)
+        self.backend = "onnxruntime" if self.session else "torch"
+
+    def probs(self, batch: np.ndarray) -> np.ndarray:
+        """(B, C, H, W) preprocessed float32 -> (B, T, classes) probabilities."""
+        if self.session is not None:
+            return softmax(self.session.run(None, {"images": batch})[0])
+        with torch.inference_mode():
+            return self.bundle.model(torch.from_numpy(batch)).float().softmax(-1).numpy()
+
+    def predict_arrays(self, batch: np.ndarray, beam: int = 1, allowed: str | None = None) -> list[Prediction]:
+        if len(batch) == 0:
+            return []
+        decoded = decode_texts(self.probs(batch), self.charset, self.bundle.ctc, beam, allowed)
+        return [Prediction(text, conf) for text, conf in decoded]
+
+    def predict(self, images, beam: int = 1, allowed: str | None = None) -> list[Prediction]:
+        """Images as paths, bytes, PIL images or numpy arrays (any mode, any size)."""
+        return self.predict_arrays(self.preprocess.batch(list(images)), beam, allowed)
+
+    def describe(self) -> dict:
+        b = self.bundle
+        return {"arch": b.arch, "charset": b.charset.chars, "max_length": b.max_length,
+                "input": {"height": b.preprocess.height, "width": b.preprocess.width,
+                          "channels": b.preprocess.channels},
+                "backend": self.backend, "trained": b.info}
+
+
+def onnx_matches(onnx_path: Path, model_path: Path) -> bool:
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+    return meta.get("checkpoint_sha256") == file_sha256(model_path)
+
+
+def onnx_session(path: Path, threads: int | None = None):
+    import onnxruntime as ort
+
+    if not Path(path).exists():
+        raise PipelineError(f"{path}: ONNX model not found; run the export stage")
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny params files and a tiny generated dataset, made once per session."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "data": {"min_length": 4, "max_length": 5, "workers": 2, "shard_size": 60,
+             "splits": {"train": 240, "val": 60, "test": 60}},
+    "model": {"arch": "fast", "fast": {"conv": [8, 16, 32, 48], "hidden": 48, "dropout": 0.0}},
+    "train": {"epochs": 1, "batch_size": 32, "workers": 0, "lr": 3.0e-3, "precision": "fp32"},
+    "evaluate": {"batch_size": 64, "workers": 0},
+    "export": {"parity_samples": 32},
+}
+
+
+def merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def write_params(folder: Path, override: dict | None = None, base: dict = TINY) -> Path:
+    path = Path(folder) / "params.yaml"
+    path.write_text(yaml.safe_dump(merge(base, override or {}), sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A fresh working directory with the tiny params.yaml."""
+    write_params(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """A generated tiny dataset (shards + manifest) and a briefly trained model, read-only."""
+    from pipeline.generate import generate
+    from pipeline.params import load_params
+    from pipeline.train import train
+
+    root = tmp_path_factory.mktemp("tiny")
+    params_path = write_params(root, {"train": {"epochs": 2}})
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        params = load_params(params_path)
+        generate(params.data, progress=False)
+        train(params, progress=False)
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+@pytest.fixture
+def tiny_copy(tiny_dataset, tmp_path, monkeypatch):
+    """A writable copy of the tiny dataset folder, as the working directory."""
+    dest = tmp_path / "work"
+    shutil.copytree(tiny_dataset, dest)
+    monkeypatch.chdir(dest)
+    return dest

@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.charset import Charset, beam_decode, decode, greedy_decode
+
+CS = Charset("0123456789ABO")
+BLANK = "-"
+
+
+def one_hot_path(path: str, sharpness: float = 0.9) -> np.ndarray:
+    """A (1, T, C) probability table whose best path spells `path` ('-' is the blank)."""
+    probs = np.full((len(path), CS.num_classes), (1 - sharpness) / (CS.num_classes - 1))
+    for t, ch in enumerate(path):
+        probs[t, 0 if ch == BLANK else CS.encode(ch)[0]] = sharpness
+    return probs[None]
+
+
+@pytest.mark.parametrize("path, text", [
+    ("6-6-6-6", "6666"),
+    ("66-6--66-6", "6666"),
+    ("AA-AB-BB", "AABB"),
+    ("AA-ABBB", "AAB"),
+    ("A-AB-B", "AABB"),
+    ("O0O0", "O0O0"),
+    ("OO00OO00", "O0O0"),
+    ("----", ""),
+    ("-1-2-3-3", "1233"),
+    ("AAAA", "A"),
+    ("B--B", "BB"),
+    ("9999-", "9"),
+    ("12344", "1234"),  # a final repeated character is one character (the seed's bug dropped it)
+    ("123-44", "1234"),
+    ("123-4-4", "12344"),
+])
+def test_greedy_collapses_repeats_before_removing_blanks(path, text):
+    [(ids, conf)] = greedy_decode(one_hot_path(path))
+    assert CS.decode(ids) == text
+    assert conf == pytest.approx(0.9 ** len(path))
+
+
+def test_fixed_length_decoding_keeps_repeats_and_drops_empty_positions():
+    [(ids, _)] = greedy_decode(one_hot_path("66-6"), collapse_repeats=False)
+    assert CS.decode(ids) == "666"
+
+
+def test_beam_width_one_is_greedy():
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(CS.num_classes) * 0.3, size=(20, 12))
+    assert decode(probs, beam_width=1) == greedy_decode(probs)
+
+
+def test_beam_search_finds_the_more_probable_label():
+    # Each step: blank 0.45, A 0.35, B 0.20. The best single path is blank-blank, "" (0.2025),
+    # but the label "A" sums three paths: AA + A- + -A = 0.1225 + 0.1575 + 0.1575 = 0.4375.
+    table = np.zeros((2, CS.num_classes))
+    a = CS.encode("A")[0]
+    table[:, 0] = 0.45
+    table[:, a] = 0.35
+    table[:, CS.encode("B")[0]] = 0.20
+    probs = table[None]
+    [(greedy_ids, _)] = greedy_decode(probs)
+    assert greedy_ids == []  # best single path: blank, blank (0.2025)
+    [(ids, conf)] = beam_decode(probs, beam_width=8)
+    assert CS.decode(ids) == "A"
+    assert conf == pytest.approx(0.4375)
+
+
+def test_beam_probabilities_sum_over_alignments_and_are_bounded():
+    rng = np.random.default_rng(1)
+    probs = rng.dirichlet(np.ones(CS.num_classes), size=(5, 8))
+    for ids, conf in beam_decode(probs, beam_width=16):
+        assert 0.0 <= conf <= 1.0
+
+
+def test_mask_restricts_output():
+    probs = one_hot_path("A-1", sharpness=0.6)
+    mask = CS.mask("0123456789")
+    masked = probs * mask
+    masked /= masked.sum(-1, keepdims=True)
+    [(ids, _)] = greedy_decode(masked)
+    assert set(CS.decode(ids)) <= set("0123456789")
+    with pytest.raises(ValueError):
+        CS.mask("Z")

@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from pipeline.__main__ import cli
+from pipeline.export import export
+from pipeline.params import load_params
+from pipeline.recognizer import Recognizer
+from pipeline.shards import iter_tar
+
+
+def test_onnx_export_parity_and_automatic_choice(tiny_copy):
+    result = export(load_params("params.yaml"))
+    assert result["text_mismatches"] == 0 and result["max_abs_logit_diff"] < 1e-3
+    onnx_rec = Recognizer("models/model.pt")
+    assert onnx_rec.backend == "onnxruntime"  # exported from this checkpoint: picked automatically
+    torch_rec = Recognizer("models/model.pt", onnx=False)
+    images = [s["png"] for s in iter_tar(next((tiny_copy / "data/shards/test").glob("*.tar")))][:20]
+    batch = torch_rec.preprocess.batch(images)
+    assert np.abs(onnx_rec.probs(batch) - torch_rec.probs(batch)).max() < 1e-4
+    assert [p.text for p in onnx_rec.predict(images)] == [p.text for p in torch_rec.predict(images)]
+    # a retrained checkpoint no longer matches the export: torch is used
+    (tiny_copy / "models/model.pt").write_bytes((tiny_copy / "models/last.pt").read_bytes())
+    assert Recognizer("models/model.pt").backend == "torch"
+
+
+def test_predict_folder_with_a_corrupt_file(tiny_copy):
+    folder = tiny_copy / "imgs"
+    folder.mkdir()
+    samples = list(iter_tar(next((tiny_copy / "data/shards/test").glob("*.tar"))))[:5]
+    for s in samples:
+        (folder / f"{s['__key__']}.png").write_bytes(s["png"])
+    (folder / "broken.png").write_bytes(samples[0]["png"][:100])
+    (folder / "notes.txt").write_text("not an image, and not listed: wrong extension")
+    result = CliRunner().invoke(cli, ["predict", "--torch", str(folder), "--beam", "3"])
+    assert result.exit_code == 1
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(lines) == 6
+    errors = [x for x in lines if "error" in x]
+    assert [e["path"].endswith("broken.png") for e in errors] == [True]
+    good = [x for x in lines if "error" not in x]
+    assert all(set(x) == {"path", "text", "confidence"} and 0 <= x["confidence"] <= 1 for x in good)

@@ -1,0 +1,158 @@
+from __future__ import annotations
+
+import math
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from pipeline.__main__ import cli
+from pipeline.generate import generate, sample_spec
+from pipeline.params import DataParams, Splits, load_params
+from pipeline.shards import Sample, iter_tar, write_shard
+from tests.conftest import write_params
+
+SMALL = {"data": {"shard_size": 40, "splits": {"train": 120, "val": 40, "test": 50}}}
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def run_generate(folder: Path, override: dict, *args: str):
+    write_params(folder, override)
+    return CliRunner().invoke(cli, ["generate", "--quiet", "--params", str(folder / "params.yaml"), *args],
+                              catch_exceptions=False)
+
+
+def test_same_bytes_whatever_the_workers(tmp_path, monkeypatch):
+    trees = []
+    for workers in (1, 2):
+        folder = tmp_path / f"w{workers}"
+        folder.mkdir()
+        monkeypatch.chdir(folder)
+        result = run_generate(folder, {**SMALL, "data": {**SMALL["data"], "workers": workers}})
+        assert result.exit_code == 0, result.output
+        trees.append(tree_bytes(folder / "data"))
+    assert trees[0] == trees[1]
+    assert "manifest.parquet" in trees[0] and "shards/test/test-000001.tar" in trees[0]
+
+
+def test_subset_of_shards_then_manifest_gives_the_same_bytes(tmp_path, monkeypatch):
+    full, parts = tmp_path / "full", tmp_path / "parts"
+    for folder in (full, parts):
+        folder.mkdir()
+    monkeypatch.chdir(full)
+    assert run_generate(full, SMALL).exit_code == 0
+    monkeypatch.chdir(parts)
+    # 3 + 1 + 2 shards: render them as two "machines" would, in reverse order, then the manifest
+    assert run_generate(parts, SMALL, "--shards", "3:").exit_code == 0
+    assert not (parts / "data/manifest.parquet").exists()
+    assert run_generate(parts, SMALL, "--shards", "0:3").exit_code == 0
+    assert run_generate(parts, SMALL, "--manifest-only").exit_code == 0
+    assert tree_bytes(full / "data") == tree_bytes(parts / "data")
+
+
+def test_manifest_matches_shards(tiny_dataset):
+    params = load_params(tiny_dataset / "params.yaml")
+    table = pq.read_table(tiny_dataset / "data/manifest.parquet").to_pylist()
+    required = {"key", "split", "shard", "label", "length", "width", "height", "sha256", "source"}
+    assert required <= set(table[0])
+    keys = [r["key"] for r in table]
+    assert len(keys) == len(set(keys))
+    assert Counter(r["split"] for r in table) == {"train": 240, "val": 60, "test": 60}
+    import hashlib
+
+    in_shards = {}
+    for shard in sorted({r["shard"] for r in table}):
+        for s in iter_tar(tiny_dataset / shard):
+            assert "." not in s["__key__"]
+            in_shards[s["__key__"]] = (shard, s["txt"].decode(), hashlib.sha256(s["png"]).hexdigest())
+    assert set(in_shards) == set(keys)
+    for r in table:
+        assert in_shards[r["key"]] == (r["shard"], r["label"], r["sha256"])
+        assert (r["width"], r["height"]) == (params.data.width, params.data.height)
+        assert r["source"] == "synthetic"
+        assert r["length"] == len(r["label"])
+
+
+def test_labels_honour_charset_and_lengths_and_are_uniform():
+    data = DataParams(charset="ABCDEFGH0123", min_length=3, max_length=6)
+    labels = [sample_spec(data, "train", i)[1] for i in range(6000)]
+    assert all(3 <= len(lab) <= 6 and set(lab) <= set(data.charset) for lab in labels)
+    lengths = Counter(len(lab) for lab in labels)
+    assert set(lengths) == {3, 4, 5, 6}
+    # chi-square per position over the labels long enough to have it (df = 11; p=0.001 at 31.3)
+    for pos in range(3):
+        counts = Counter(lab[pos] for lab in labels)
+        expected = sum(counts.values()) / len(data.charset)
+        chi2 = sum((counts.get(c, 0) - expected) ** 2 / expected for c in data.charset)
+        assert chi2 < 31.3, (pos, chi2)
+    chi2_len = sum((n - 1500) ** 2 / 1500 for n in lengths.values())
+    assert chi2_len < 16.3  # df = 3, p = 0.001
+
+
+@pytest.mark.parametrize("override, key", [
+    ({"data": {"colour": 1}}, "data.colour"),
+    ({"data": {"min_length": 6, "max_length": 4}}, "data.min_length"),
+    ({"data": {"charset": ""}}, "data.charset"),
+    ({"data": {"charset": "ABCA"}}, "data.charset"),
+    ({"data": {"width": 0}}, "data.width"),
+    ({"data": {"shard_size": -5}}, "data.shard_size"),
+    ({"data": {"splits": {"train": -1}}}, "data.splits.train"),
+    ({"data": {"fonts": ["/no/such/font.ttf"]}}, "data.fonts[0]"),
+    ({"data": {"charset": "AB\u4e2d"}}, "data.charset"),
+    ({"data": {"workers": "two"}}, "data.workers"),
+    ({"nonsense": {}}, "nonsense"),
+])
+def test_bad_params_exit_2_naming_the_key(tmp_path, monkeypatch, override, key):
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path, override)
+    result = CliRunner().invoke(cli, ["generate", "--quiet"])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {key}"), result.output
+    assert not (tmp_path / "data").exists()
+
+
+def test_interrupted_shard_leaves_nothing_that_looks_finished(tmp_path):
+    def samples():
+        for i in range(10):
+            if i == 5:
+                raise KeyboardInterrupt
+            yield Sample(f"k{i}", b"\x89PNG fake", "AB", {})
+
+    target = tmp_path / "train" / "train-000000.tar"
+    with pytest.raises(KeyboardInterrupt):
+        write_shard(target, samples())
+    assert list(tmp_path.rglob("*")) == [tmp_path / "train"]
+
+
+def test_killed_generate_leaves_only_complete_shards(tmp_path):
+    """A real process killed mid-run: every .tar present is a complete, readable shard."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    write_params(tmp_path, {"data": {"shard_size": 200, "workers": 1, "splits": {"train": 2000, "val": 0, "test": 0}}})
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "generate", "--quiet"], cwd=tmp_path,
+                            stderr=subprocess.DEVNULL)
+    shards = tmp_path / "data/shards/train"
+    deadline = time.time() + 60
+    while time.time() < deadline and not list(shards.glob("*.tar")):
+        time.sleep(0.05)
+    time.sleep(0.3)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = list(shards.glob("*.tar"))
+    assert finished, "no shard was finished before the kill"
+    assert len(finished) < 10, "the run finished before it was killed"
+    for shard in finished:
+        with tarfile.open(shard) as tar:
+            assert len(tar.getnames()) == 3 * 200
+    assert not (tmp_path / "data/manifest.parquet").exists()

@@ -1,0 +1,158 @@
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from pipeline.__main__ import cli
+from pipeline.evaluate import evaluate
+from pipeline.ingest import ingest
+from pipeline.params import load_params
+from pipeline.render import Renderer
+from pipeline.shards import iter_tar
+from pipeline.train import train
+from tests.conftest import write_params
+
+RENDER = Renderer(128, 64)
+
+
+def encode(text: str, seed: int, fmt: str = "PNG", mode: str | None = None) -> bytes:
+    image = RENDER.image(text, seed)
+    if mode:
+        image = image.convert(mode)
+    out = io.BytesIO()
+    image.save(out, format=fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+    return out.getvalue()
+
+
+def make_folder(folder: Path) -> dict[str, str]:
+    """A messy folder; returns {file: label} of the files that must be kept."""
+    folder.mkdir(parents=True)
+    good = {
+        "AB12_0001.png": encode("AB12", 1),
+        "CD34_x.jpg": encode("CD34", 2, "JPEG"),
+        "EF56_x.gif": encode("EF56", 3, "GIF", "P"),
+        "GH78_x.bmp": encode("GH78", 4, "BMP"),
+        "IJ90_x.webp": encode("IJ90", 5, "WEBP"),
+        "KL12_rgba.png": encode("KL12", 6, "PNG", "RGBA"),
+        "MN34_grey.png": encode("MN34", 7, "PNG", "L"),
+        "sub/OP56_deep.png": encode("OP56", 8),
+    }
+    wide = np.asarray(RENDER.image("QR78", 9).convert("L")).astype(np.uint16) * 257
+    out = io.BytesIO()
+    Image.fromarray(wide).save(out, format="PNG")
+    good["QR78_16bit.png"] = out.getvalue()
+    for name, data in good.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    (folder / "AB12_copy.png").write_bytes(good["AB12_0001.png"])  # duplicate: kept once
+    (folder / "ST90_trunc.png").write_bytes(encode("ST90", 10)[:200])  # corrupt
+    (folder / "ab#1_x.png").write_bytes(encode("AB11", 11))  # '#' and lowercase not in charset
+    (folder / "UV12_a.png").write_bytes(encode("UV12", 12))
+    (folder / "WX34_b.png").write_bytes(encode("UV12", 12))  # same image, other label: conflict
+    (folder / "ABCDEFG_long.png").write_bytes(encode("ABCD", 13))  # longer than max_length 5
+    (folder / "notes.txt").write_text("ignored")
+    return {name: name.split("/")[-1].split("_")[0] for name in good}
+
+
+INVALID = {"ST90_trunc.png", "ab#1_x.png", "UV12_a.png", "WX34_b.png", "ABCDEFG_long.png"}
+
+
+def shard_labels(out: Path) -> dict[str, str]:
+    found = {}
+    for shard in sorted(out.rglob("*.tar")):
+        for s in iter_tar(shard):
+            meta = json.loads(s["json"])
+            found[meta["original"]] = s["txt"].decode()
+            assert Image.open(io.BytesIO(s["png"])).format == "PNG"
+    return found
+
+
+def test_invalid_files_stop_the_stage_and_are_all_reported(workdir):
+    expected = make_folder(workdir / "captchas")
+    result = CliRunner().invoke(cli, ["ingest", "captchas"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1].startswith("error: captchas: 5 invalid")
+    report = json.loads((workdir / "reports/ingest.json").read_text())
+    assert {x["file"] for x in report["invalid"]} == INVALID
+    assert not (workdir / "data").exists()
+    assert expected  # the valid ones are written once the bad ones are skipped:
+    result = CliRunner().invoke(cli, ["ingest", "captchas", "--skip-invalid"])
+    assert result.exit_code == 0, result.output
+    assert shard_labels(workdir / "data/ingest") == expected
+    report = json.loads((workdir / "reports/ingest.json").read_text())
+    assert report["duplicates"] == [{"file": "AB12_copy.png", "same_as": "AB12_0001.png"}]
+    assert report["ignored"] == ["notes.txt"]
+    rows = pq.read_table(workdir / "data/ingest/manifest.parquet").to_pylist()
+    assert len(rows) == len(expected) and {r["source"] for r in rows} == {"ingest"}
+    formats = {r["original"]: r["format"] for r in rows}
+    assert formats["CD34_x.jpg"] == "JPEG" and formats["EF56_x.gif"] == "GIF" and formats["AB12_0001.png"] == "PNG"
+    original = (workdir / "captchas/AB12_0001.png").read_bytes()
+    kept = [s["png"] for shard in (workdir / "data/ingest").rglob("*.tar") for s in iter_tar(shard)]
+    assert original in kept  # PNG bytes are kept as they were
+
+
+def test_labels_from_csv_and_case_folding(workdir):
+    folder = workdir / "real"
+    folder.mkdir()
+    labels = {"a.png": "ab12", "b.jpg": "CD34", "c.png": "EF56"}
+    for i, (name, label) in enumerate(labels.items()):
+        (folder / name).write_bytes(encode(label.upper(), i, "JPEG" if name.endswith("jpg") else "PNG"))
+    (workdir / "labels.csv").write_text("path,label\n" + "".join(f"{k},{v}\n" for k, v in labels.items()))
+    write_params(workdir, {"ingest": {"labels": "labels.csv", "case": "upper"}})
+    params = load_params("params.yaml")
+    ingest(params.data, params.ingest, source=folder)
+    assert shard_labels(workdir / "data/ingest") == {k: v.upper() for k, v in labels.items()}
+
+
+def test_adding_images_never_moves_an_existing_one(workdir):
+    folder = workdir / "grow"
+    folder.mkdir()
+    params = load_params("params.yaml")
+
+    def splits():
+        rows = pq.read_table(workdir / "data/ingest/manifest.parquet").to_pylist()
+        return {r["original"]: r["split"] for r in rows}
+
+    for i in range(40):
+        (folder / f"A{i:03d}_x.png").write_bytes(encode(f"A{i:03d}", i))
+    ingest(params.data, params.ingest, source=folder)
+    before = splits()
+    assert set(before.values()) == {"train", "val", "test"}
+    for i in range(40, 80):
+        (folder / f"B{i:03d}_x.png").write_bytes(encode(f"B{i:03d}", i))
+    ingest(params.data, params.ingest, source=folder)
+    after = splits()
+    assert len(after) == 80 and all(after[k] == v for k, v in before.items())
+
+
+def test_tiny_end_to_end_with_both_sources(tiny_copy):
+    folder = tiny_copy / "captchas"
+    for i in range(120):
+        label = "".join("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"[(i * 5 + j * 11) % 36] for j in range(4))
+        (folder / f"{label}_{i}.png").parent.mkdir(exist_ok=True)
+        (folder / f"{label}_{i}.png").write_bytes(encode(label, 1000 + i))  # the first seed's naming
+    sources = {"data/manifest.parquet": 1, "data/ingest/manifest.parquet": 2}
+    write_params(tiny_copy, {"train": {"sources": sources, "init_from": "models/model.pt"}})
+    params = load_params("params.yaml")
+    ingest(params.data, params.ingest, source=folder)
+    summary = train(params, progress=False)
+    assert summary["images_seen"] > 240
+    metrics = evaluate(params, progress=False)
+    assert set(metrics["per_source"]) == {"synthetic", "ingest"}
+    assert metrics["per_source"]["synthetic"]["n"] == 60
+    assert metrics["n"] == 60 + metrics["per_source"]["ingest"]["n"]
+
+
+def test_init_from_needs_the_same_charset(tiny_copy):
+    from pipeline.params import PipelineError
+
+    write_params(tiny_copy, {"data": {"charset": "0123456789"}, "train": {"init_from": "models/model.pt"}})
+    with pytest.raises(PipelineError, match="train.init_from"):
+        train(load_params("params.yaml"), progress=False)

@@ -1,0 +1,152 @@
+from __future__ import annotations
+
+import io
+import json
+import threading
+import zlib
+import struct
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.recognizer import Recognizer
+from pipeline.render import Renderer
+from pipeline.serve import Limits, create_app
+
+
+@pytest.fixture(scope="module")
+def recognizer(tiny_dataset):
+    return Recognizer(tiny_dataset / "models/model.pt", onnx=False)
+
+
+@pytest.fixture(scope="module")
+def client(recognizer):
+    app = create_app(recognizer, Limits(max_bytes=200_000, max_files=4, max_pixels=1_000_000))
+    return app.test_client()
+
+
+def png_bytes(text: str, seed: int) -> bytes:
+    return Renderer(128, 64).png(text, seed)
+
+
+def bomb_png(width: int = 10_000, height: int = 10_000) -> bytes:
+    """A valid PNG of width x height grey pixels: about 100 KB on disk, 100 megapixels decoded."""
+    packer, row = zlib.compressobj(9), b"\x00" + bytes(width)
+    raw = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
+
+
+def post(client, *files, field="file", query=""):
+    data = {field: [(io.BytesIO(b), f"f{i}.png") for i, b in enumerate(files)]}
+    return client.post(f"/predict{query}", data=data, content_type="multipart/form-data")
+
+
+def test_one_file(client, recognizer):
+    image = png_bytes("AB12", 1)
+    r = post(client, image)
+    assert r.status_code == 200
+    expected = recognizer.predict([image])[0]
+    assert r.json == {"text": expected.text, "confidence": pytest.approx(expected.confidence, abs=1e-6)}
+
+
+def test_several_files_in_order_and_raw_body(client, recognizer):
+    images = [png_bytes(t, i) for i, t in enumerate(["AAAA", "B1C2", "ZZ99"])]
+    r = post(client, *images)
+    assert r.status_code == 200
+    assert [x["text"] for x in r.json["results"]] == [p.text for p in recognizer.predict(images)]
+    raw = client.post("/predict", data=images[1], content_type="image/png")
+    assert raw.status_code == 200 and raw.json["text"] == r.json["results"][1]["text"]
+
+
+@pytest.mark.parametrize("make, status", [
+    (lambda c: c.post("/predict", data={"other": (io.BytesIO(b"x"), "a.png")}, content_type="multipart/form-data"), 400),
+    (lambda c: c.post("/predict", data=b"", content_type="image/png"), 400),
+    (lambda c: post(c, b""), 400),
+    (lambda c: post(c, b"this is not an image at all"), 415),
+    (lambda c: post(c, png_bytes("AB12", 1)[:300]), 400),
+    (lambda c: post(c, b"\x00" * 300_000), 413),
+    (lambda c: post(c, bomb_png()), 413),
+    (lambda c: post(c, *[png_bytes("AB12", i) for i in range(5)]), 413),
+    (lambda c: c.get("/predict"), 405),
+    (lambda c: c.post("/predict?beam=zero", data=png_bytes("AB12", 1), content_type="image/png"), 400),
+    (lambda c: c.get("/nowhere"), 404),
+])
+def test_bad_input_gets_json_error_and_server_keeps_serving(client, make, status):
+    r = make(client)
+    assert r.status_code == status
+    assert set(r.json) == {"error"} and r.json["error"]
+    assert post(client, png_bytes("AB12", 1)).status_code == 200
+
+
+def test_bomb_is_rejected_before_decoding(recognizer, monkeypatch):
+    from PIL import ImageFile
+
+    decoded = []
+    original = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self.size) or original(self))
+    app = create_app(recognizer, Limits(max_bytes=2_000_000))
+    bomb = bomb_png()
+    assert len(bomb) < 200_000
+    r = post(app.test_client(), bomb)
+    assert r.status_code == 413 and "pixels" in r.json["error"]
+    assert decoded == []
+
+
+class EchoRecognizer:
+    """Answers with a digest of each image's pixels, so any mix-up between requests shows."""
+
+    def __init__(self, preprocess):
+        self.preprocess = preprocess
+        self.batch_sizes = []
+
+    def predict_arrays(self, batch, beam=1, allowed=None):
+        from pipeline.recognizer import Prediction
+
+        self.batch_sizes.append(len(batch))
+        return [Prediction(f"{float(a.sum()):.3f}", 1.0) for a in batch]
+
+
+def test_concurrent_requests_get_their_own_answers(recognizer):
+    echo = EchoRecognizer(recognizer.preprocess)
+    client = create_app(echo).test_client()
+    images = [png_bytes(f"{c}{c}{i % 10}{i % 7}", i) for i, c in enumerate("ABCDEFGHJK" * 3)]
+    expected = [f"{float(recognizer.preprocess(im).sum()):.3f}" for im in images]
+    assert len(set(expected)) == len(images)
+    got = [None] * len(images)
+    barrier = threading.Barrier(len(images))
+
+    def worker(i):
+        barrier.wait()
+        got[i] = post(client, images[i]).json["text"]
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(images))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == expected
+    assert sum(echo.batch_sizes) == len(images)
+
+
+def test_healthz_and_model(client):
+    assert client.get("/healthz").status_code == 200
+    info = client.get("/model").json
+    assert info["arch"] == "fast" and info["input"]["height"] == 32
+
+
+def test_images_of_any_mode_and_size(recognizer):
+    base = Image.open(io.BytesIO(png_bytes("AB12", 3)))
+    variants = [base, base.convert("RGBA"), base.convert("L"), base.convert("P"), base.convert("1"),
+                base.resize((300, 90)), np.asarray(base), np.asarray(base.convert("L")).astype(np.uint16) * 257,
+                Image.fromarray(np.asarray(base.convert("L")).astype(np.uint16) * 257)]
+    preds = recognizer.predict(variants)
+    assert len(preds) == len(variants)
+    assert all(0.0 <= p.confidence <= 1.0 for p in preds)
+    # the same pixels in another container read the same
+    assert preds[0].text == preds[6].text and preds[2].text == preds[7].text == preds[8].text

@@ -19,17 +19,18 @@ from pipeline.shards import iter_tar, read_manifest, split_shards
 from pipeline.train import DEFAULT_SOURCES
 
 
-def export(params: Params, model_path: Path = Path("models/model.pt"),
-           onnx_path: Path = Path("models/model.onnx"), report: Path = Path("reports/export.json")) -> dict:
-    ep = params.export
+def to_onnx(model_path: Path, opset: int) -> bytes:
+    """The checkpoint as ONNX bytes: input `images` (batch, C, H, W), output `logits`, dynamic
+    batch; metadata records the checkpoint's sha256, charset and preprocessing."""
     bundle = checkpoint.load(model_path)
     p = bundle.preprocess
     buffer = io.BytesIO()
+    # the TorchScript exporter: the dynamo one needs the onnxscript package; parity is checked below
     torch.onnx.export(
         bundle.model, (torch.zeros(2, p.channels, p.height, p.width),), buffer,
         input_names=["images"], output_names=["logits"],
         dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
-        opset_version=ep.opset, dynamo=False,
+        opset_version=opset, dynamo=False,
     )
     proto = onnx.load_from_string(buffer.getvalue())
     meta = {"checkpoint_sha256": file_sha256(model_path), "arch": bundle.arch,
@@ -37,7 +38,15 @@ def export(params: Params, model_path: Path = Path("models/model.pt"),
             "preprocess": json.dumps(p.to_dict())}
     for key, value in meta.items():
         proto.metadata_props.add(key=key, value=value)
-    data = proto.SerializeToString()
+    return proto.SerializeToString()
+
+
+def export(params: Params, model_path: Path = Path("models/model.pt"),
+           onnx_path: Path = Path("models/model.onnx"), report: Path = Path("reports/export.json")) -> dict:
+    ep = params.export
+    bundle = checkpoint.load(model_path)
+    p = bundle.preprocess
+    data = to_onnx(model_path, ep.opset)
 
     images = parity_images(params, ep.parity_samples)
     batch = p.batch(images)

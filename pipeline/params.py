@@ -225,7 +225,7 @@ class TrainParams:
     warmup: float = 0.1  # fraction of the steps spent warming up (one-cycle)
     grad_clip: float = 5.0
     patience: int = 0  # epochs without val improvement before stopping; 0 = never
-    max_minutes: float = 0.0  # wall-clock cap; 0 = none
+    max_minutes: float = 0.0  # training-time budget, also driving the lr schedule; 0 = none
     shuffle_buffer: int = 2_000
     augment: float = 0.0  # probability of a random shift/scale of a training image
     compile: bool = False

@@ -170,8 +170,11 @@ def train(params: Params, paths: Paths = Paths(), on_epoch_end: Callable[[int], 
         val_loader = make_loader(val_stream, loader_workers(len(val_shards), ctx.world, tp.workers, "val",
                                                         every_rank=False))
 
+    # A time budget (train.max_minutes) also drives the schedule: the learning rate follows whichever
+    # is further along, steps or time, so a run cut short by the budget still ends annealed. Runs
+    # that finish their epochs inside the budget are step-driven, hence deterministic.
+    budget = tp.max_minutes * 60
     stop_reason = "completed"
-    run_started = time.perf_counter()
     for epoch in range(state["epoch"], tp.epochs):
         train_stream.set_epoch(epoch)
         net.train()
@@ -181,7 +184,13 @@ def train(params: Params, paths: Paths = Paths(), on_epoch_end: Callable[[int], 
         joined = Join([net]) if ctx.world > 1 else contextlib.nullcontext()
         with joined, bar:
             for images_b, targets, lengths, _labels, _keys in train_loader:
-                lr = lr_at(state["step"] / total_steps, tp.lr, tp.warmup)
+                elapsed = state["seconds"] + time.perf_counter() - started
+                progress = state["step"] / total_steps
+                if budget:
+                    progress = max(progress, elapsed / budget)
+                    if elapsed >= budget and ctx.world == 1:  # under DDP, checked at the epoch's end
+                        break
+                lr = lr_at(progress, tp.lr, tp.warmup)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 images_b = images_b.to(device, non_blocking=True, memory_format=torch.channels_last)
@@ -209,7 +218,7 @@ def train(params: Params, paths: Paths = Paths(), on_epoch_end: Callable[[int], 
         state["seconds"] += seconds
         row = {"epoch": epoch + 1, "loss": round(loss_sum / max(batches, 1), 5),
                "val_seq_accuracy": round(val_acc, 5), "lr": lr, "images_per_second": round(images / seconds, 1),
-               "seconds": round(seconds, 1)}
+               "elapsed_s": round(state["seconds"], 1), "seconds": round(seconds, 1)}
         state["history"].append(row)
         improved = val_acc > state["best"]
         if improved:
@@ -230,8 +239,7 @@ def train(params: Params, paths: Paths = Paths(), on_epoch_end: Callable[[int], 
         if tp.patience and epoch + 1 - state["best_epoch"] >= tp.patience:
             stop_reason = "patience"
             break
-        out_of_time = tp.max_minutes and (time.perf_counter() - run_started) / 60 >= tp.max_minutes
-        if _any_rank(bool(out_of_time), ctx):
+        if _any_rank(bool(budget) and state["seconds"] >= budget, ctx):
             stop_reason = "max_minutes"
             break
 

@@ -145,8 +145,19 @@ def test_same_params_same_metrics(tiny_dataset, tmp_path, monkeypatch):
         paths = Paths(*(tmp_path / name / f for f in ("model.pt", "last.pt", "h.tsv", "t.json")))
         train(params, paths, progress=False)
         runs.append(paths.history.read_text().split("\n"))
-    strip = lambda rows: [r.rsplit("\t", 2)[0] for r in rows]  # drop the timing columns
+    strip = lambda rows: [r.rsplit("\t", 3)[0] for r in rows]  # drop the timing columns
     assert strip(runs[0]) == strip(runs[1])
+
+
+def test_time_budget_stops_training_with_an_annealed_learning_rate(tiny_dataset, tmp_path, monkeypatch):
+    monkeypatch.chdir(tiny_dataset)
+    params = load_params(write_params(tmp_path, {"train": {"epochs": 1000, "max_minutes": 0.05}}))
+    paths = Paths(*(tmp_path / f for f in ("model.pt", "last.pt", "h.tsv", "t.json")))
+    summary = train(params, paths, progress=False)
+    assert summary["stopped"] == "max_minutes" and summary["epochs_run"] < 1000
+    assert 3.0 <= summary["train_seconds"] < 30
+    last_lr = float(paths.history.read_text().splitlines()[-1].split("\t")[3])
+    assert last_lr < params.train.lr / 10
 
 
 def test_torchrun_two_cpu_processes(tiny_dataset, tmp_path):

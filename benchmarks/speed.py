@@ -1,0 +1,300 @@
+"""`make bench`: measured speed of every part, each figure the median of several runs, and each
+comparison a ratio of runs taken side by side. Writes reports/bench.json and prints tables.
+
+    python -m benchmarks.speed [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline import checkpoint
+from pipeline.charset import Charset
+from pipeline.device import autocast
+from pipeline.export import to_onnx
+from pipeline.files import write_json
+from pipeline.generate import generate
+from pipeline.models import ARCHS, build_model
+from pipeline.params import DataParams, Splits
+from pipeline.preprocess import Preprocess
+from pipeline.render import Renderer
+from pipeline.shards import ShardStream, make_loader, read_manifest, split_shards
+
+CHARSET = Charset("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def median_of(runs: int, measure) -> float:
+    return statistics.median(measure() for _ in range(runs))
+
+
+# -- generation ------------------------------------------------------------------------------
+
+def bench_generation(runs: int, n: int) -> dict:
+    from captcha.image import ImageCaptcha
+
+    def bare():
+        captcha = ImageCaptcha(width=128, height=64)
+        t = time.perf_counter()
+        for i in range(n):
+            captcha.generate_image("AB12")
+        return n / (time.perf_counter() - t)
+
+    def stage(workers):
+        def run():
+            with tempfile.TemporaryDirectory() as tmp:
+                data = DataParams(workers=workers, shard_size=n // 4, splits=Splits(train=n, val=0, test=0))
+                t = time.perf_counter()
+                generate(data, root=Path(tmp) / "shards", manifest=Path(tmp) / "m.parquet", progress=False)
+                return n / (time.perf_counter() - t)
+        return run
+
+    rates = {"bare_loop": [], "stage_1_worker": [], "stage_2_workers": []}
+    for _ in range(runs):  # interleaved, so drift in machine load hits all three alike
+        rates["bare_loop"].append(bare())
+        rates["stage_1_worker"].append(stage(1)())
+        rates["stage_2_workers"].append(stage(2)())
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    return {"images_per_second": med,
+            "ratio_1_worker_vs_bare": med["stage_1_worker"] / med["bare_loop"],
+            "ratio_2_vs_1_workers": med["stage_2_workers"] / med["stage_1_worker"]}
+
+
+# -- training step and loader ----------------------------------------------------------------
+
+def train_rate(arch: str, precision: str, batch: int, steps: int) -> float:
+    torch.manual_seed(0)
+    settings = ARCHS[arch].Settings()
+    model = build_model(arch, dataclasses.asdict(settings), CHARSET.num_classes, 4)
+    model.train().to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), 1e-3)
+    x = torch.randn(batch, settings.channels, settings.height, settings.width).contiguous(
+        memory_format=torch.channels_last)
+    targets = torch.randint(1, CHARSET.num_classes, (batch * 4,))
+    lengths = torch.full((batch,), 4)
+    from pipeline.train import sequence_loss
+
+    def step():
+        with autocast(torch.device("cpu"), precision):
+            logits = model(x)
+        loss = sequence_loss(logits, targets, lengths, ARCHS[arch].ctc)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    step()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    return batch / statistics.median(times)
+
+
+def loader_rate(shards: list[str], preprocess: Preprocess, workers: int, images: int) -> float:
+    stream = ShardStream(shards, lambda png, label, rng: (preprocess(png), CHARSET.encode(label)), 128,
+                         shuffle=True)
+    loader = make_loader(stream, workers)
+    it = iter(loader)
+    next(it)  # workers started
+    t, n = time.perf_counter(), 0
+    for batch in it:
+        n += len(batch[0])
+        if n >= images:
+            break
+    return n / (time.perf_counter() - t)
+
+
+# -- inference -------------------------------------------------------------------------------
+
+def inference(model_path: Path, runs: int) -> dict:
+    from pipeline.recognizer import Recognizer
+
+    work = Path(tempfile.mkdtemp())  # a copy, so that models/ (a DVC output) is left alone
+    model_path = Path(shutil.copy(model_path, work / "model.pt"))
+    bundle = checkpoint.load(model_path)
+    p = bundle.preprocess
+    model_path.with_suffix(".onnx").write_bytes(to_onnx(model_path, opset=17))
+    renderer = Renderer(128, 64)
+    pngs = [renderer.png("AB12", i) for i in range(64)]
+    batch = p.batch(pngs)
+    results = {}
+    for backend, threads in (("torch", 1), ("onnxruntime", 1), ("torch", 2), ("onnxruntime", 2)):
+        rec = Recognizer(model_path, onnx=backend == "onnxruntime", threads=threads)
+        one = batch[:1]
+        for _ in range(20):
+            rec.predict_arrays(one)
+
+        def latency():
+            t = time.perf_counter()
+            for _ in range(200):
+                rec.predict_arrays(one)
+            return (time.perf_counter() - t) / 200 * 1e3
+
+        def throughput():
+            t = time.perf_counter()
+            for _ in range(5):
+                rec.predict_arrays(batch)
+            return 5 * len(batch) / (time.perf_counter() - t)
+
+        def end_to_end():  # PNG bytes -> text, preprocessing included
+            t = time.perf_counter()
+            for png in pngs:
+                rec.predict([png])
+            return (time.perf_counter() - t) / len(pngs) * 1e3
+
+        results[f"{backend}_{threads}_threads"] = {
+            "batch1_model_ms": median_of(runs, latency), "batch1_png_to_text_ms": median_of(runs, end_to_end),
+            "batch64_images_per_second": median_of(runs, throughput)}
+    torch.set_num_threads(os.cpu_count() or 1)
+    return results
+
+
+# -- HTTP service ----------------------------------------------------------------------------
+
+def http_load(model_path: Path, seconds: float, clients: int) -> dict:
+    import socket
+    import subprocess
+    import sys
+
+    import psutil
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--model", str(model_path),
+                               "--port", str(port), "--threads", "16"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(f"{url}/healthz", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        renderer = Renderer(128, 64)
+        bodies = [renderer.png(f"{i:04d}", i) for i in range(32)]
+
+        def request(body):
+            req = urllib.request.Request(f"{url}/predict", data=body, headers={"Content-Type": "image/png"})
+            t = time.perf_counter()
+            try:
+                with urllib.request.urlopen(req, timeout=10) as r:
+                    r.read()
+                    status = r.status
+            except urllib.error.HTTPError as e:
+                status = e.code
+            return status, time.perf_counter() - t
+
+        for body in bodies[:8]:
+            request(body)
+        proc = psutil.Process(server.pid)
+        rss_before = proc.memory_info().rss
+        latencies, statuses, lock = [], [], threading.Lock()
+        stop = time.perf_counter() + seconds
+
+        def client(k):
+            i = k
+            while time.perf_counter() < stop:
+                status, dt = request(bodies[i % len(bodies)])
+                i += clients
+                with lock:
+                    latencies.append(dt)
+                    statuses.append(status)
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+        started = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - started
+        rss_after = proc.memory_info().rss
+    finally:
+        server.terminate()
+        server.wait()
+    lat = np.array(latencies) * 1e3
+    return {"clients": clients, "seconds": round(elapsed, 1), "requests": len(lat),
+            "requests_per_second": len(lat) / elapsed, "p50_ms": float(np.percentile(lat, 50)),
+            "p99_ms": float(np.percentile(lat, 99)), "errors_5xx": sum(s >= 500 for s in statuses),
+            "non_200": sum(s != 200 for s in statuses),
+            "rss_mb_before": rss_before / 2**20, "rss_mb_after": rss_after / 2**20}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer runs and shorter loads (smoke run)")
+    parser.add_argument("--model", default="models/model.pt", help="checkpoint for inference and HTTP")
+    parser.add_argument("--out", default="reports/bench.json")
+    args = parser.parse_args()
+    runs = 1 if args.quick else 3
+    report = {"date": time.strftime("%Y-%m-%d"), "machine": machine()}
+
+    print("generation ...", flush=True)
+    report["generation"] = bench_generation(runs, 200 if args.quick else 800)
+    print(json.dumps(report["generation"], indent=1), flush=True)
+
+    print("training step per arch and precision ...", flush=True)
+    training = {}
+    for arch in ARCHS:
+        for precision in ("fp32", "bf16"):
+            training[f"{arch}/{precision}"] = median_of(runs, lambda: train_rate(arch, precision, 64, 3 if args.quick else 5))
+            print(f"  {arch}/{precision}: {training[f'{arch}/{precision}']:.0f} img/s", flush=True)
+    report["training_images_per_second"] = training
+
+    print("loader ...", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = DataParams(shard_size=500, splits=Splits(train=2000, val=0, test=0))
+        generate(data, root=Path(tmp) / "shards", manifest=Path(tmp) / "m.parquet", progress=False)
+        shards = [s for s, _ in split_shards(read_manifest(Path(tmp) / "m.parquet"), "train")]
+        loading = {}
+        for arch in ("fast", "crnn", "ctc_gru"):
+            s = ARCHS[arch].Settings()
+            pre = Preprocess(s.height, s.width, s.channels)
+            for workers in (0, 1, 2):
+                loading[f"{arch}/{workers}_workers"] = median_of(runs, lambda: loader_rate(shards, pre, workers, 1500))
+                print(f"  {arch}, {workers} workers: {loading[f'{arch}/{workers}_workers']:.0f} img/s", flush=True)
+    report["loader_images_per_second"] = loading
+
+    model_path = Path(args.model)
+    if not model_path.exists():
+        print(f"{model_path} missing: inference figures use an untrained default model", flush=True)
+        model_path = Path(tempfile.mkdtemp()) / "model.pt"
+        s = ARCHS["fast"].Settings()
+        model = build_model("fast", dataclasses.asdict(s), CHARSET.num_classes, 4)
+        checkpoint.save(model_path, checkpoint.checkpoint_dict(model, "fast", dataclasses.asdict(s), CHARSET.chars, 4,
+                                                             Preprocess(s.height, s.width, s.channels)))
+    print("inference ...", flush=True)
+    report["inference"] = inference(model_path, runs)
+    print(json.dumps(report["inference"], indent=1), flush=True)
+    print("HTTP ...", flush=True)
+    report["http"] = http_load(model_path, 5 if args.quick else 30, 16)
+    print(json.dumps(report["http"], indent=1), flush=True)
+    write_json(Path(args.out), report)
+    print(f"wrote {args.out}")
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()}
+
+
+if __name__ == "__main__":
+    main()

@@ -74,14 +74,15 @@ def bench_generation(runs: int, n: int) -> dict:
 
 # -- training step and loader ----------------------------------------------------------------
 
-def train_rate(arch: str, precision: str, batch: int, steps: int) -> float:
+def train_rate(arch: str, precision: str, batch: int, steps: int, channels_last: bool = True) -> float:
     torch.manual_seed(0)
     settings = ARCHS[arch].Settings()
-    model = build_model(arch, dataclasses.asdict(settings), CHARSET.num_classes, 4)
-    model.train().to(memory_format=torch.channels_last)
+    model = build_model(arch, dataclasses.asdict(settings), CHARSET.num_classes, 4).train()
+    x = torch.randn(batch, settings.channels, settings.height, settings.width)
+    if channels_last:  # as pipeline.train does
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), 1e-3)
-    x = torch.randn(batch, settings.channels, settings.height, settings.width).contiguous(
-        memory_format=torch.channels_last)
     targets = torch.randint(1, CHARSET.num_classes, (batch * 4,))
     lengths = torch.full((batch,), 4)
     from pipeline.train import sequence_loss
@@ -244,7 +245,7 @@ def main():
     report = {"date": time.strftime("%Y-%m-%d"), "machine": machine()}
 
     print("generation ...", flush=True)
-    report["generation"] = bench_generation(runs, 200 if args.quick else 800)
+    report["generation"] = bench_generation(runs, 200 if args.quick else 2000)
     print(json.dumps(report["generation"], indent=1), flush=True)
 
     print("training step per arch and precision ...", flush=True)
@@ -253,6 +254,8 @@ def main():
         for precision in ("fp32", "bf16"):
             training[f"{arch}/{precision}"] = median_of(runs, lambda: train_rate(arch, precision, 64, 3 if args.quick else 5))
             print(f"  {arch}/{precision}: {training[f'{arch}/{precision}']:.0f} img/s", flush=True)
+    training["fast/bf16/contiguous"] = median_of(runs, lambda: train_rate("fast", "bf16", 64, 5, channels_last=False))
+    print(f"  fast/bf16 without channels-last: {training['fast/bf16/contiguous']:.0f} img/s", flush=True)
     report["training_images_per_second"] = training
 
     print("loader ...", flush=True)

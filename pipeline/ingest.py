@@ -19,10 +19,9 @@ from PIL import Image
 
 from pipeline.files import write_json
 from pipeline.params import DataParams, IngestParams, PipelineError
+from pipeline.preprocess import FORMATS, IMAGE_SUFFIXES
 from pipeline.shards import Sample, scan_shards, shard_path, write_manifest, write_shard
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp"}
-FORMATS = {"PNG", "JPEG", "GIF", "BMP", "WEBP"}
 
 
 @dataclass

@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Iterable, Iterator, TextIO
 
 from pipeline.params import PipelineError
-from pipeline.preprocess import load_image
+from pipeline.preprocess import IMAGE_SUFFIXES, load_image
 from pipeline.recognizer import Recognizer
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 def expand_inputs(inputs: Iterable[str]) -> Iterator[Path]:

@@ -16,6 +16,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+# The image formats that ingest, predict and serve accept (detected from content, not name).
+FORMATS = {"PNG", "JPEG", "GIF", "BMP", "WEBP"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp"}
+
 
 
 @dataclass(frozen=True)

@@ -21,11 +21,11 @@ from flask import Flask, g, jsonify, request
 from PIL import Image
 from werkzeug.exceptions import HTTPException
 
+from pipeline.preprocess import FORMATS
 from pipeline.recognizer import Recognizer
 
 log = logging.getLogger("captcha-crnn.serve")
 
-FORMATS = {"PNG", "JPEG", "GIF", "BMP", "WEBP"}
 
 
 @dataclass(frozen=True)

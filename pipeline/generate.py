@@ -51,7 +51,7 @@ def sample_spec(data: DataParams, split: str, i: int) -> tuple[str, str, int]:
     return f"{split}_{i:08d}", label, seed
 
 
-def render_shard(data: DataParams, job: ShardJob, root: Path) -> list[dict]:
+def render_shard(data: DataParams, job: ShardJob, root: Path) -> int:
     renderer = Renderer.from_params(data)
 
     def samples():
@@ -82,8 +82,10 @@ def generate(data: DataParams, shards: str | None = None, manifest_only: bool = 
     started = time.perf_counter()
     if not manifest_only:
         selected = jobs if shards is None else [jobs[i] for i in parse_range(shards, len(jobs))]
-        if shards is None and root.exists():
-            shutil.rmtree(root)  # a full run replaces every shard, stale ones included
+        if shards is None:  # a full run replaces every shard and the manifest, stale ones included
+            manifest.unlink(missing_ok=True)
+            if root.exists():
+                shutil.rmtree(root)
         _render(data, selected, root, progress)
         if shards is not None:
             print(f"rendered {len(selected)} of {len(jobs)} shards; when all are done, "
@@ -126,4 +128,4 @@ def summarize(rows: list[dict], seconds: float) -> dict:
 def format_summary(s: dict) -> str:
     splits = ", ".join(f"{k} {v}" for k, v in s["per_split"].items())
     lengths = ", ".join(f"{k}: {v}" for k, v in s["lengths"].items())
-    return f"samples: {splits}; label lengths: {lengths}; {s['seconds']} s"
+    return f"samples: {splits}; label lengths: {lengths}; {s['seconds']} s ({s['images_per_second']} img/s)"

@@ -6,6 +6,7 @@ position"); the charset's characters map to 1..N.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -18,9 +19,12 @@ class Charset:
     def num_classes(self) -> int:
         return len(self.chars) + 1
 
+    @cached_property
+    def _index(self) -> dict[str, int]:
+        return {c: i + 1 for i, c in enumerate(self.chars)}
+
     def encode(self, label: str) -> list[int]:
-        index = {c: i + 1 for i, c in enumerate(self.chars)}
-        return [index[c] for c in label]
+        return [self._index[c] for c in label]
 
     def decode(self, ids) -> str:
         return "".join(self.chars[i - 1] for i in ids if i > 0)

@@ -121,13 +121,13 @@ def loader_rate(shards: list[str], preprocess: Preprocess, workers: int, images:
 # -- inference -------------------------------------------------------------------------------
 
 def inference(model_path: Path, runs: int) -> dict:
-    from pipeline.recognizer import Recognizer
+    from pipeline.recognizer import Recognizer, file_sha256
 
     work = Path(tempfile.mkdtemp())  # a copy, so that models/ (a DVC output) is left alone
     model_path = Path(shutil.copy(model_path, work / "model.pt"))
     bundle = checkpoint.load(model_path)
     p = bundle.preprocess
-    model_path.with_suffix(".onnx").write_bytes(to_onnx(model_path, opset=17))
+    model_path.with_suffix(".onnx").write_bytes(to_onnx(bundle, file_sha256(model_path), opset=17))
     renderer = Renderer(128, 64)
     pngs = [renderer.png("AB12", i) for i in range(64)]
     batch = p.batch(pngs)

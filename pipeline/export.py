@@ -19,10 +19,9 @@ from pipeline.shards import iter_tar, read_manifest, split_shards
 from pipeline.train import DEFAULT_SOURCES
 
 
-def to_onnx(model_path: Path, opset: int) -> bytes:
-    """The checkpoint as ONNX bytes: input `images` (batch, C, H, W), output `logits`, dynamic
+def to_onnx(bundle: checkpoint.Bundle, checkpoint_sha256: str, opset: int) -> bytes:
+    """The model as ONNX bytes: input `images` (batch, C, H, W), output `logits`, dynamic
     batch; metadata records the checkpoint's sha256, charset and preprocessing."""
-    bundle = checkpoint.load(model_path)
     p = bundle.preprocess
     buffer = io.BytesIO()
     # the TorchScript exporter: the dynamo one needs the onnxscript package; parity is checked below
@@ -33,7 +32,7 @@ def to_onnx(model_path: Path, opset: int) -> bytes:
         opset_version=opset, dynamo=False,
     )
     proto = onnx.load_from_string(buffer.getvalue())
-    meta = {"checkpoint_sha256": file_sha256(model_path), "arch": bundle.arch,
+    meta = {"checkpoint_sha256": checkpoint_sha256, "arch": bundle.arch,
             "charset": bundle.charset.chars, "ctc": str(bundle.ctc).lower(),
             "preprocess": json.dumps(p.to_dict())}
     for key, value in meta.items():
@@ -46,7 +45,7 @@ def export(params: Params, model_path: Path = Path("models/model.pt"),
     ep = params.export
     bundle = checkpoint.load(model_path)
     p = bundle.preprocess
-    data = to_onnx(model_path, ep.opset)
+    data = to_onnx(bundle, file_sha256(model_path), ep.opset)
 
     images = parity_images(params, ep.parity_samples)
     batch = p.batch(images)

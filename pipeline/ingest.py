@@ -23,7 +23,6 @@ from pipeline.preprocess import FORMATS, IMAGE_SUFFIXES
 from pipeline.shards import Sample, scan_shards, shard_path, write_manifest, write_shard
 
 
-
 @dataclass
 class Report:
     invalid: list[dict] = field(default_factory=list)  # {"file", "reason"}

@@ -12,7 +12,6 @@ from pipeline.preprocess import IMAGE_SUFFIXES, load_image
 from pipeline.recognizer import Recognizer
 
 
-
 def expand_inputs(inputs: Iterable[str]) -> Iterator[Path]:
     """Files as given; folders for image files by extension (sorted); globs expanded."""
     for item in inputs:

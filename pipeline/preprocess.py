@@ -21,7 +21,6 @@ FORMATS = {"PNG", "JPEG", "GIF", "BMP", "WEBP"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp"}
 
 
-
 @dataclass(frozen=True)
 class Preprocess:
     height: int

@@ -27,7 +27,6 @@ from pipeline.recognizer import Recognizer
 log = logging.getLogger("captcha-crnn.serve")
 
 
-
 @dataclass(frozen=True)
 class Limits:
     max_bytes: int = 2 * 1024 * 1024  # one request's body

@@ -175,6 +175,7 @@ def train(params: Params, paths: Paths = Paths(), on_epoch_end: Callable[[int], 
     # that finish their epochs inside the budget are step-driven, hence deterministic.
     budget = tp.max_minutes * 60
     stop_reason = "completed"
+    lr = lr_at(state["step"] / total_steps, tp.lr, tp.warmup)
     for epoch in range(state["epoch"], tp.epochs):
         train_stream.set_epoch(epoch)
         net.train()

@@ -1,7 +1,8 @@
 """`make bench`: measured speed of every part, each figure the median of several runs, and each
 comparison a ratio of runs taken side by side. Writes reports/bench.json and prints tables.
 
-    python -m benchmarks.speed [--quick]
+    python -m benchmarks.speed [--quick] [--model models/model.pt]
+    python -m benchmarks.speed --tables reports/bench.json   # print a saved report's tables
 """
 from __future__ import annotations
 
@@ -74,32 +75,41 @@ def bench_generation(runs: int, n: int) -> dict:
 
 # -- training step and loader ----------------------------------------------------------------
 
-def train_rate(arch: str, precision: str, batch: int, steps: int, channels_last: bool = True) -> float:
+def train_rate(arch: str, precision: str, batch: int, steps: int, channels_last: bool = True,
+               device: str = "cpu") -> float:
     torch.manual_seed(0)
+    dev = torch.device(device)
     settings = ARCHS[arch].Settings()
-    model = build_model(arch, dataclasses.asdict(settings), CHARSET.num_classes, 4).train()
-    x = torch.randn(batch, settings.channels, settings.height, settings.width)
+    model = build_model(arch, dataclasses.asdict(settings), CHARSET.num_classes, 4).train().to(dev)
+    x = torch.randn(batch, settings.channels, settings.height, settings.width, device=dev)
     if channels_last:  # as pipeline.train does
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), 1e-3)
-    targets = torch.randint(1, CHARSET.num_classes, (batch * 4,))
+    targets = torch.randint(1, CHARSET.num_classes, (batch * 4,), device=dev)
     lengths = torch.full((batch,), 4)
     from pipeline.train import sequence_loss
 
     def step():
-        with autocast(torch.device("cpu"), precision):
+        with autocast(dev, precision):
             logits = model(x)
         loss = sequence_loss(logits, targets, lengths, ARCHS[arch].ctc)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
 
-    step()
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    for _ in range(1 if dev.type == "cpu" else 5):  # warm-up (cuDNN picks its algorithms)
+        step()
     times = []
     for _ in range(steps):
+        sync()
         t = time.perf_counter()
         step()
+        sync()
         times.append(time.perf_counter() - t)
     return batch / statistics.median(times)
 
@@ -240,7 +250,11 @@ def main():
     parser.add_argument("--quick", action="store_true", help="fewer runs and shorter loads (smoke run)")
     parser.add_argument("--model", default="models/model.pt", help="checkpoint for inference and HTTP")
     parser.add_argument("--out", default="reports/bench.json")
+    parser.add_argument("--tables", metavar="REPORT", help="only print the tables of a saved report")
     args = parser.parse_args()
+    if args.tables:
+        print(format_tables(json.loads(Path(args.tables).read_text())))
+        return
     runs = 1 if args.quick else 3
     report = {"date": time.strftime("%Y-%m-%d"), "machine": machine()}
 
@@ -257,6 +271,15 @@ def main():
     training["fast/bf16/contiguous"] = median_of(runs, lambda: train_rate("fast", "bf16", 64, 5, channels_last=False))
     print(f"  fast/bf16 without channels-last: {training['fast/bf16/contiguous']:.0f} img/s", flush=True)
     report["training_images_per_second"] = training
+    if torch.cuda.is_available():
+        report["machine"]["gpu"] = torch.cuda.get_device_name(0)
+        cuda = {}
+        for arch in ARCHS:
+            for precision in ("fp32", "bf16"):
+                cuda[f"{arch}/{precision}"] = median_of(runs, lambda: train_rate(arch, precision, 256, 20,
+                                                                              device="cuda"))
+                print(f"  cuda {arch}/{precision}: {cuda[f'{arch}/{precision}']:.0f} img/s", flush=True)
+        report["cuda_training_images_per_second"] = cuda
 
     print("loader ...", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -287,7 +310,46 @@ def main():
     report["http"] = http_load(model_path, 5 if args.quick else 30, 16)
     print(json.dumps(report["http"], indent=1), flush=True)
     write_json(Path(args.out), report)
+    print(format_tables(report))
     print(f"wrote {args.out}")
+
+
+def format_tables(report: dict) -> str:
+    """The report as the markdown tables README carries."""
+    out = [f"{report['date']}, {report['machine']['cpu']}, {report['machine']['cores']} cores, "
+           f"torch {report['machine']['torch']}", ""]
+    gen = report["generation"]
+    rates = gen["images_per_second"]
+    out += ["| generation | img/s | ratio |", "|---|---|---|",
+            f"| bare `ImageCaptcha.generate_image` loop | {rates['bare_loop']:.0f} | 1 |",
+            f"| `generate`, 1 worker | {rates['stage_1_worker']:.0f} | {gen['ratio_1_worker_vs_bare']:.2f}x bare |",
+            f"| `generate`, 2 workers | {rates['stage_2_workers']:.0f} | {gen['ratio_2_vs_1_workers']:.2f}x 1 worker |",
+            ""]
+    train_rates, load = report["training_images_per_second"], report["loader_images_per_second"]
+    cuda = report.get("cuda_training_images_per_second", {})
+    # the loader is measured once per distinct input (ctc_lstm and multihead read what ctc_gru reads)
+    loader_arch = {"fast": "fast", "crnn": "crnn"}
+    out += ["| training step (batch 64) | fp32 img/s | bf16 img/s | loader img/s, 0 / 1 / 2 workers "
+            "| loader / bf16 step |" + (" CUDA bf16 img/s (batch 256) |" if cuda else ""),
+            "|---|---|---|---|---|" + ("---|" if cuda else "")]
+    for arch in ARCHS:
+        fp32, bf16 = train_rates[f"{arch}/fp32"], train_rates[f"{arch}/bf16"]
+        la = loader_arch.get(arch, "ctc_gru")
+        loaders = [load[f"{la}/{w}_workers"] for w in (0, 1, 2)]
+        row = (f"| `{arch}` | {fp32:.0f} | {bf16:.0f} | {' / '.join(f'{x:,.0f}' for x in loaders)} "
+               f"| {min(loaders) / bf16:.0f}x |")
+        out.append(row + (f" {cuda[f'{arch}/bf16']:,.0f} |" if cuda else ""))
+    out += [f"(`fast` bf16 without channels-last: {train_rates['fast/bf16/contiguous']:.0f} img/s)", ""]
+    out += ["| inference, `fast` | batch 1, model | batch 1, PNG bytes to text | batch 64 |", "|---|---|---|---|"]
+    for name, r in report["inference"].items():
+        backend, threads = name.rsplit("_", 2)[0], name.rsplit("_", 2)[1]
+        out.append(f"| {backend}, {threads} thread{'s' if threads != '1' else ''} | {r['batch1_model_ms']:.1f} ms "
+                   f"| {r['batch1_png_to_text_ms']:.1f} ms | {r['batch64_images_per_second']:,.0f} img/s |")
+    h = report["http"]
+    out += ["", f"HTTP, {h['clients']} clients for {h['seconds']} s: {h['requests_per_second']:.0f} requests/s, "
+            f"p50 {h['p50_ms']:.0f} ms, p99 {h['p99_ms']:.0f} ms, {h['requests']:,} requests, "
+            f"{h['errors_5xx']} 5xx, RSS {h['rss_mb_before']:.0f} -> {h['rss_mb_after']:.0f} MB"]
+    return "\n".join(out)
 
 
 def machine() -> dict:

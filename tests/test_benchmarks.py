@@ -1,0 +1,39 @@
+"""The benchmark report's tables (the figures themselves are measured by `make bench`, not here)."""
+from benchmarks.speed import format_tables, train_rate
+from pipeline.models import ARCHS
+
+
+def fake_report() -> dict:
+    train = {f"{a}/{p}": r for a in ARCHS for p, r in (("fp32", 100.0), ("bf16", 200.0))}
+    train["fast/bf16/contiguous"] = 150.0
+    loader = {f"{a}/{w}_workers": 1000.0 * (w + 1) for a in ("fast", "crnn", "ctc_gru") for w in (0, 1, 2)}
+    inference = {f"{b}_{t}_threads": {"batch1_model_ms": 1.0, "batch1_png_to_text_ms": 1.5,
+                                      "batch64_images_per_second": 900.0}
+                 for b in ("torch", "onnxruntime") for t in (1, 2)}
+    return {"date": "2026-11-22", "machine": {"cpu": "test cpu", "cores": 2, "torch": "2.13.0"},
+            "generation": {"images_per_second": {"bare_loop": 400.0, "stage_1_worker": 300.0, "stage_2_workers": 570.0},
+                           "ratio_1_worker_vs_bare": 0.75, "ratio_2_vs_1_workers": 1.9},
+            "training_images_per_second": train, "loader_images_per_second": loader, "inference": inference,
+            "http": {"clients": 16, "seconds": 30.0, "requests": 9000, "requests_per_second": 300.0, "p50_ms": 40.0,
+                     "p99_ms": 80.0, "errors_5xx": 0, "rss_mb_before": 280.0, "rss_mb_after": 281.0}}
+
+
+def test_tables_show_every_arch_with_loader_headroom():
+    text = format_tables(fake_report())
+    for arch in ARCHS:
+        # slowest loader (0 workers, 1000 img/s) over the bf16 step (200 img/s)
+        assert f"| `{arch}` | 100 | 200 | 1,000 / 2,000 / 3,000 | 5x |" in text
+    assert "| `generate`, 2 workers | 570 | 1.90x 1 worker |" in text
+    assert "| onnxruntime, 2 threads | 1.0 ms | 1.5 ms | 900 img/s |" in text
+    assert "CUDA" not in text
+
+
+def test_tables_add_cuda_when_measured():
+    report = fake_report()
+    report["cuda_training_images_per_second"] = {f"{a}/{p}": 5000.0 for a in ARCHS for p in ("fp32", "bf16")}
+    assert "| `fast` | 100 | 200 | 1,000 / 2,000 / 3,000 | 5x | 5,000 |" in format_tables(report)
+
+
+def test_train_rate_runs_each_arch_a_step():
+    for arch in ARCHS:
+        assert train_rate(arch, "fp32", batch=2, steps=1) > 0

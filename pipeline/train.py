@@ -186,12 +186,12 @@ def train(params: Params, paths: Paths = Paths(), on_epoch_end: Callable[[int], 
         with joined, bar:
             for images_b, targets, lengths, _labels, _keys in train_loader:
                 elapsed = state["seconds"] + time.perf_counter() - started
-                progress = state["step"] / total_steps
+                done = state["step"] / total_steps  # fraction of the schedule behind us
                 if budget:
-                    progress = max(progress, elapsed / budget)
+                    done = max(done, elapsed / budget)
                     if elapsed >= budget and ctx.world == 1:  # under DDP, checked at the epoch's end
                         break
-                lr = lr_at(progress, tp.lr, tp.warmup)
+                lr = lr_at(done, tp.lr, tp.warmup)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 images_b = images_b.to(device, non_blocking=True, memory_format=torch.channels_last)

@@ -104,12 +104,14 @@ def test_fewer_shards_than_ranks_is_a_clear_error():
         loader_workers(1, 2, 2, "train")
 
 
-def test_resume_after_an_interruption_gives_the_same_weights(tiny_dataset, tmp_path, monkeypatch):
+def test_resume_after_an_interruption_gives_the_same_weights(tiny_dataset, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tiny_dataset)
     params = load_params(write_params(tmp_path, {"train": {"epochs": 2, "augment": 0.5}}))
 
     whole = Paths(*(tmp_path / "whole" / name for name in ("model.pt", "last.pt", "h.tsv", "t.json")))
     train(params, whole, progress=False)
+    err = capsys.readouterr().err
+    assert "epoch 2: loss" in err and "epoch 1/2" not in err and "epoch 2/2" not in err  # no bar (`--quiet`)
 
     class Interrupt(Exception):
         pass

@@ -24,7 +24,7 @@ import torch
 
 from pipeline import checkpoint
 from pipeline.charset import Charset
-from pipeline.device import autocast
+from pipeline.device import autocast, pick_precision
 from pipeline.export import to_onnx
 from pipeline.files import write_json
 from pipeline.generate import generate
@@ -273,9 +273,10 @@ def main():
     report["training_images_per_second"] = training
     if torch.cuda.is_available():
         report["machine"]["gpu"] = torch.cuda.get_device_name(0)
-        cuda = {}
+        mixed = pick_precision("auto", torch.device("cuda"))  # bf16, or fp16 on GPUs without it
+        cuda = {"mixed_precision": mixed}
         for arch in ARCHS:
-            for precision in ("fp32", "bf16"):
+            for precision in ("fp32", mixed):
                 cuda[f"{arch}/{precision}"] = median_of(runs, lambda: train_rate(arch, precision, 256, 20,
                                                                               device="cuda"))
                 print(f"  cuda {arch}/{precision}: {cuda[f'{arch}/{precision}']:.0f} img/s", flush=True)
@@ -330,7 +331,8 @@ def format_tables(report: dict) -> str:
     # the loader is measured once per distinct input (ctc_lstm and multihead read what ctc_gru reads)
     loader_arch = {"fast": "fast", "crnn": "crnn"}
     out += ["| training step (batch 64) | fp32 img/s | bf16 img/s | loader img/s, 0 / 1 / 2 workers "
-            "| loader / bf16 step |" + (" CUDA bf16 img/s (batch 256) |" if cuda else ""),
+            "| loader / bf16 step |" + (f" CUDA img/s, fp32 / {cuda['mixed_precision']} (batch 256) |"
+                                          if cuda else ""),
             "|---|---|---|---|---|" + ("---|" if cuda else "")]
     for arch in ARCHS:
         fp32, bf16 = train_rates[f"{arch}/fp32"], train_rates[f"{arch}/bf16"]
@@ -338,7 +340,9 @@ def format_tables(report: dict) -> str:
         loaders = [load[f"{la}/{w}_workers"] for w in (0, 1, 2)]
         row = (f"| `{arch}` | {fp32:.0f} | {bf16:.0f} | {' / '.join(f'{x:,.0f}' for x in loaders)} "
                f"| {min(loaders) / bf16:.0f}x |")
-        out.append(row + (f" {cuda[f'{arch}/bf16']:,.0f} |" if cuda else ""))
+        if cuda:
+            row += f" {cuda[f'{arch}/fp32']:,.0f} / {cuda[f'{arch}/' + cuda['mixed_precision']]:,.0f} |"
+        out.append(row)
     out += [f"(`fast` bf16 without channels-last: {train_rates['fast/bf16/contiguous']:.0f} img/s)", ""]
     out += ["| inference, `fast` | batch 1, model | batch 1, PNG bytes to text | batch 64 |", "|---|---|---|---|"]
     for name, r in report["inference"].items():

@@ -30,8 +30,11 @@ def test_tables_show_every_arch_with_loader_headroom():
 
 def test_tables_add_cuda_when_measured():
     report = fake_report()
-    report["cuda_training_images_per_second"] = {f"{a}/{p}": 5000.0 for a in ARCHS for p in ("fp32", "bf16")}
-    assert "| `fast` | 100 | 200 | 1,000 / 2,000 / 3,000 | 5x | 5,000 |" in format_tables(report)
+    cuda = {f"{a}/{p}": r for a in ARCHS for p, r in (("fp32", 5000.0), ("fp16", 9000.0))}
+    report["cuda_training_images_per_second"] = {"mixed_precision": "fp16", **cuda}
+    text = format_tables(report)
+    assert "CUDA img/s, fp32 / fp16 (batch 256) |" in text
+    assert "| `fast` | 100 | 200 | 1,000 / 2,000 / 3,000 | 5x | 5,000 / 9,000 |" in text
 
 
 def test_train_rate_runs_each_arch_a_step():

@@ -346,7 +346,7 @@ def format_tables(report: dict) -> str:
     out += [f"(`fast` bf16 without channels-last: {train_rates['fast/bf16/contiguous']:.0f} img/s)", ""]
     out += ["| inference, `fast` | batch 1, model | batch 1, PNG bytes to text | batch 64 |", "|---|---|---|---|"]
     for name, r in report["inference"].items():
-        backend, threads = name.rsplit("_", 2)[0], name.rsplit("_", 2)[1]
+        backend, threads, _ = name.rsplit("_", 2)  # e.g. onnxruntime_2_threads
         out.append(f"| {backend}, {threads} thread{'s' if threads != '1' else ''} | {r['batch1_model_ms']:.1f} ms "
                    f"| {r['batch1_png_to_text_ms']:.1f} ms | {r['batch64_images_per_second']:,.0f} img/s |")
     h = report["http"]

@@ -288,11 +288,14 @@ def main():
         generate(data, root=Path(tmp) / "shards", manifest=Path(tmp) / "m.parquet", progress=False)
         shards = [s for s, _ in split_shards(read_manifest(Path(tmp) / "m.parquet"), "train")]
         loading = {}
-        for arch in ("fast", "crnn", "ctc_gru"):
+        by_input = {}  # architectures with the same input share one measurement
+        for arch in ARCHS:
             s = ARCHS[arch].Settings()
             pre = Preprocess(s.height, s.width, s.channels)
             for workers in (0, 1, 2):
-                loading[f"{arch}/{workers}_workers"] = median_of(runs, lambda: loader_rate(shards, pre, workers, 1500))
+                if (pre, workers) not in by_input:
+                    by_input[pre, workers] = median_of(runs, lambda: loader_rate(shards, pre, workers, 1500))
+                loading[f"{arch}/{workers}_workers"] = by_input[pre, workers]
                 print(f"  {arch}, {workers} workers: {loading[f'{arch}/{workers}_workers']:.0f} img/s", flush=True)
     report["loader_images_per_second"] = loading
 
@@ -328,16 +331,13 @@ def format_tables(report: dict) -> str:
             ""]
     train_rates, load = report["training_images_per_second"], report["loader_images_per_second"]
     cuda = report.get("cuda_training_images_per_second", {})
-    # the loader is measured once per distinct input (ctc_lstm and multihead read what ctc_gru reads)
-    loader_arch = {"fast": "fast", "crnn": "crnn"}
     out += ["| training step (batch 64) | fp32 img/s | bf16 img/s | loader img/s, 0 / 1 / 2 workers "
             "| loader / bf16 step |" + (f" CUDA img/s, fp32 / {cuda['mixed_precision']} (batch 256) |"
                                           if cuda else ""),
             "|---|---|---|---|---|" + ("---|" if cuda else "")]
     for arch in ARCHS:
         fp32, bf16 = train_rates[f"{arch}/fp32"], train_rates[f"{arch}/bf16"]
-        la = loader_arch.get(arch, "ctc_gru")
-        loaders = [load[f"{la}/{w}_workers"] for w in (0, 1, 2)]
+        loaders = [load[f"{arch}/{w}_workers"] for w in (0, 1, 2)]
         row = (f"| `{arch}` | {fp32:.0f} | {bf16:.0f} | {' / '.join(f'{x:,.0f}' for x in loaders)} "
                f"| {min(loaders) / bf16:.0f}x |")
         if cuda:

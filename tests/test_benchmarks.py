@@ -6,7 +6,7 @@ from pipeline.models import ARCHS
 def fake_report() -> dict:
     train = {f"{a}/{p}": r for a in ARCHS for p, r in (("fp32", 100.0), ("bf16", 200.0))}
     train["fast/bf16/contiguous"] = 150.0
-    loader = {f"{a}/{w}_workers": 1000.0 * (w + 1) for a in ("fast", "crnn", "ctc_gru") for w in (0, 1, 2)}
+    loader = {f"{a}/{w}_workers": 1000.0 * (w + 1) for a in ARCHS for w in (0, 1, 2)}
     inference = {f"{b}_{t}_threads": {"batch1_model_ms": 1.0, "batch1_png_to_text_ms": 1.5,
                                       "batch64_images_per_second": 900.0}
                  for b in ("torch", "onnxruntime") for t in (1, 2)}

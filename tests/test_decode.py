@@ -3,7 +3,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.charset import Charset, beam_decode, decode, greedy_decode
+import itertools
+
+from pipeline.charset import Charset, beam_decode, decode, greedy_decode, label_probability
 
 CS = Charset("0123456789ABO")
 BLANK = "-"
@@ -37,7 +39,39 @@ def one_hot_path(path: str, sharpness: float = 0.9) -> np.ndarray:
 def test_greedy_collapses_repeats_before_removing_blanks(path, text):
     [(ids, conf)] = greedy_decode(one_hot_path(path))
     assert CS.decode(ids) == text
-    assert conf == pytest.approx(0.9 ** len(path))
+    assert 0.9 ** len(path) * (1 - 1e-5) <= conf <= 1  # the best path is one of the label's alignments
+
+
+def collapse(path) -> tuple[int, ...]:
+    return tuple(c for i, c in enumerate(path) if c != 0 and (i == 0 or c != path[i - 1]))
+
+
+def test_label_probability_sums_every_alignment():
+    # brute force over all 4^5 paths of a 3-character charset: P(label) = sum of its paths
+    rng = np.random.default_rng(2)
+    probs = rng.dirichlet(np.ones(4), size=(3, 5))
+    for b in range(3):
+        totals: dict[tuple[int, ...], float] = {}
+        for path in itertools.product(range(4), repeat=5):
+            totals[collapse(path)] = totals.get(collapse(path), 0.0) + np.prod(probs[b, range(5), path])
+        labels = [(), (1,), (2, 2), (1, 2, 3), (3, 3, 3), (1, 2, 1, 2)]
+        got = label_probability(np.repeat(probs[b:b + 1], len(labels), 0), [list(x) for x in labels])
+        assert got == pytest.approx([totals.get(x, 0.0) for x in labels], rel=1e-5, abs=1e-12)
+
+
+def test_greedy_confidence_is_the_label_probability():
+    # each character split over two steps: best path 0.7^4, label "AB" far more likely
+    table = np.zeros((4, CS.num_classes))
+    a, b = CS.encode("AB")
+    table[0, a], table[0, 0] = 0.7, 0.3
+    table[1, 0], table[1, a] = 0.7, 0.3
+    table[2, b], table[2, 0] = 0.7, 0.3
+    table[3, 0], table[3, b] = 0.7, 0.3
+    [(ids, conf)] = greedy_decode(table[None])
+    assert CS.decode(ids) == "AB"
+    # paths for AB: A{A,-}B{B,-} over steps 0-1 and 2-3, plus -A.. / ..-B shifts: all alignments
+    assert conf == pytest.approx(label_probability(table[None], [ids])[0])
+    assert conf > 0.5 > 0.7 ** 4
 
 
 def test_fixed_length_decoding_keeps_repeats_and_drops_empty_positions():

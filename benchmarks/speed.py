@@ -76,10 +76,11 @@ def bench_generation(runs: int, n: int) -> dict:
 # -- training step and loader ----------------------------------------------------------------
 
 def train_rate(arch: str, precision: str, batch: int, steps: int, channels_last: bool = True,
-               device: str = "cpu") -> float:
+               device: str = "cpu", settings: dict | None = None) -> float:
+    """Images/s of full training steps on random data; `settings` overrides the arch's defaults."""
     torch.manual_seed(0)
     dev = torch.device(device)
-    settings = ARCHS[arch].Settings()
+    settings = ARCHS[arch].Settings(**(settings or {}))
     model = build_model(arch, dataclasses.asdict(settings), CHARSET.num_classes, 4).train().to(dev)
     x = torch.randn(batch, settings.channels, settings.height, settings.width, device=dev)
     if channels_last:  # as pipeline.train does
@@ -112,6 +113,16 @@ def train_rate(arch: str, precision: str, batch: int, steps: int, channels_last:
         sync()
         times.append(time.perf_counter() - t)
     return batch / statistics.median(times)
+
+
+def bench_cuda_training(runs: int) -> dict:
+    mixed = pick_precision("auto", torch.device("cuda"))  # bf16, or fp16 on GPUs without it
+    cuda = {"mixed_precision": mixed}
+    for arch in ARCHS:
+        for precision in ("fp32", mixed):
+            cuda[f"{arch}/{precision}"] = median_of(runs, lambda: train_rate(arch, precision, 256, 20, device="cuda"))
+            print(f"  cuda {arch}/{precision}: {cuda[f'{arch}/{precision}']:.0f} img/s", flush=True)
+    return cuda
 
 
 def loader_rate(shards: list[str], preprocess: Preprocess, workers: int, images: int) -> float:
@@ -251,12 +262,22 @@ def main():
     parser.add_argument("--model", default="models/model.pt", help="checkpoint for inference and HTTP")
     parser.add_argument("--out", default="reports/bench.json")
     parser.add_argument("--tables", metavar="REPORT", help="only print the tables of a saved report")
+    parser.add_argument("--cuda-only", action="store_true", help="only the CUDA training rates")
     args = parser.parse_args()
     if args.tables:
         print(format_tables(json.loads(Path(args.tables).read_text())))
         return
     runs = 1 if args.quick else 3
     report = {"date": time.strftime("%Y-%m-%d"), "machine": machine()}
+    if args.cuda_only:  # the GPU rows alone, for a GPU machine without the serving packages
+        if not torch.cuda.is_available():
+            parser.error("--cuda-only: torch sees no CUDA device")
+        report["machine"]["gpu"] = torch.cuda.get_device_name(0)
+        report["cuda_training_images_per_second"] = bench_cuda_training(runs)
+        write_json(Path(args.out), report)
+        print(format_tables(report))
+        print(f"wrote {args.out}")
+        return
 
     print("generation ...", flush=True)
     report["generation"] = bench_generation(runs, 200 if args.quick else 2000)
@@ -273,14 +294,7 @@ def main():
     report["training_images_per_second"] = training
     if torch.cuda.is_available():
         report["machine"]["gpu"] = torch.cuda.get_device_name(0)
-        mixed = pick_precision("auto", torch.device("cuda"))  # bf16, or fp16 on GPUs without it
-        cuda = {"mixed_precision": mixed}
-        for arch in ARCHS:
-            for precision in ("fp32", mixed):
-                cuda[f"{arch}/{precision}"] = median_of(runs, lambda: train_rate(arch, precision, 256, 20,
-                                                                              device="cuda"))
-                print(f"  cuda {arch}/{precision}: {cuda[f'{arch}/{precision}']:.0f} img/s", flush=True)
-        report["cuda_training_images_per_second"] = cuda
+        report["cuda_training_images_per_second"] = bench_cuda_training(runs)
 
     print("loader ...", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -320,8 +334,15 @@ def main():
 
 def format_tables(report: dict) -> str:
     """The report as the markdown tables README carries."""
-    out = [f"{report['date']}, {report['machine']['cpu']}, {report['machine']['cores']} cores, "
-           f"torch {report['machine']['torch']}", ""]
+    m = report["machine"]
+    out = [f"{report['date']}, {m['cpu']}, {m['cores']} cores, " + (f"{m['gpu']}, " if "gpu" in m else "")
+           + f"torch {m['torch']}", ""]
+    if "generation" not in report:  # a --cuda-only report
+        cuda = report["cuda_training_images_per_second"]
+        out += [f"| CUDA training step (batch 256) | fp32 img/s | {cuda['mixed_precision']} img/s |", "|---|---|---|"]
+        out += [f"| `{arch}` | {cuda[f'{arch}/fp32']:,.0f} | {cuda[f'{arch}/' + cuda['mixed_precision']]:,.0f} |"
+                for arch in ARCHS]
+        return "\n".join(out)
     gen = report["generation"]
     rates = gen["images_per_second"]
     out += ["| generation | img/s | ratio |", "|---|---|---|",

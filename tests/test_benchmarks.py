@@ -37,6 +37,16 @@ def test_tables_add_cuda_when_measured():
     assert "| `fast` | 100 | 200 | 1,000 / 2,000 / 3,000 | 5x | 5,000 / 9,000 |" in text
 
 
+def test_cuda_only_report_prints_its_table():
+    cuda = {f"{a}/{p}": r for a in ARCHS for p, r in (("fp32", 5000.0), ("bf16", 7000.0))}
+    report = {"date": "2026-11-22", "machine": {"cpu": "x", "cores": 16, "torch": "2.11", "gpu": "H100"},
+              "cuda_training_images_per_second": {"mixed_precision": "bf16", **cuda}}
+    text = format_tables(report)
+    assert text.startswith("2026-11-22, x, 16 cores, H100, torch 2.11")
+    assert "| `multihead` | 5,000 | 7,000 |" in text
+
+
 def test_train_rate_runs_each_arch_a_step():
     for arch in ARCHS:
         assert train_rate(arch, "fp32", batch=2, steps=1) > 0
+

@@ -50,3 +50,37 @@ def test_train_rate_runs_each_arch_a_step():
     for arch in ARCHS:
         assert train_rate(arch, "fp32", batch=2, steps=1) > 0
 
+
+def test_record_run_renders_a_prefix_that_is_an_ordinary_dataset(tmp_path):
+    """benchmarks.record sizes the train split by time; the shards it keeps must be exactly those
+    that `generate` renders for the final params, so `dvc exp run` with them reproduces the data."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.generate import generate
+    from pipeline.params import load_params
+    from pipeline.shards import read_manifest
+    from tests.conftest import REPO, write_params
+
+    write_params(tmp_path, {"data": {"min_length": 4, "max_length": 4, "shard_size": 20,
+                                     "splits": {"train": 0, "val": 20, "test": 20}}})
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.record", "--generate-minutes", "0", "--chunk-shards", "2",
+         "--train-minutes", "0.05", "--set", "train.epochs=3", "--set", "train.batch_size=16"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "reports/record.json").read_text())
+    assert summary["train_images"] == 40  # one chunk of 2 shards: the budget was spent at once
+    assert "-S data.splits.train=40" in summary["dvc_exp_run"] and "-S train.epochs=3" in summary["dvc_exp_run"]
+    assert summary["metrics"]["n"] == 20 and summary["train"]["images_seen"] <= 3 * 40
+    splits = read_manifest(tmp_path / "data/manifest.parquet")["split"].to_pylist()
+    assert (splits.count("train"), splits.count("val"), splits.count("test")) == (40, 20, 20)
+
+    final = load_params(tmp_path / "reports/record-params.yaml")
+    assert final.data.splits.train == 40 and final.train.max_minutes == 0.05
+    generate(final.data, root=tmp_path / "again", manifest=tmp_path / "again.parquet", progress=False)
+    for shard in ("train/train-000000.tar", "train/train-000001.tar", "test/test-000000.tar"):
+        assert (tmp_path / "again" / shard).read_bytes() == (tmp_path / "data/shards" / shard).read_bytes()

@@ -1,0 +1,121 @@
+"""The record run on a machine without DVC: the dvc.yaml stage commands, with the training set
+sized by a wall-clock budget for rendering instead of a fixed count.
+
+    python -m benchmarks.record --set model.fast.height=64 ... --generate-minutes 8 --train-minutes 11
+
+Train shards are rendered in chunks until the generation budget is spent; since every sample is a
+function of (data.seed, split, index), the first k shards of any plan are the train split of a
+plan with k shards, so the run ends with an ordinary dataset and manifest. It writes the params
+it used to --params-out and prints the `dvc exp run` line that reproduces the run with DVC.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from pipeline.files import write_json, write_text
+from pipeline.params import _Loader, load_params, read_yaml
+
+
+def set_dotted(tree: dict, key: str, value) -> None:
+    *parents, leaf = key.split(".")
+    for name in parents:
+        tree = tree.setdefault(name, {})
+    tree[leaf] = value
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise SystemExit(f"--set: expected KEY=VALUE, got {text!r}")
+    return key, yaml.load(value, Loader=_Loader)  # as params.yaml is read: YAML 1.2 floats
+
+
+def write_params(raw: dict, path: Path) -> None:
+    write_text(path, yaml.safe_dump(raw, sort_keys=False))
+    load_params(path)  # validated like any params file
+
+
+def stage(*args: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] python -m pipeline {' '.join(args)}", file=sys.stderr, flush=True)
+    code = subprocess.run([sys.executable, "-m", "pipeline", *args]).returncode
+    if code:  # the stage has printed its error
+        raise SystemExit(code)
+
+
+def exp_run_line(settings: dict) -> str:
+    """The `dvc exp run` command line that sets these params, quoted for a POSIX shell."""
+    def text(value) -> str:
+        return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+
+    return "dvc exp run " + " ".join(f"-S {shlex.quote(f'{key}={text(value)}')}" for key, value in settings.items())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--generate-minutes", type=float, required=True)
+    parser.add_argument("--train-minutes", type=float, required=True, help="becomes train.max_minutes")
+    parser.add_argument("--chunk-shards", type=int, default=64, help="train shards rendered per generate call")
+    parser.add_argument("--params-out", type=Path, default=Path("reports/record-params.yaml"))
+    parser.add_argument("--summary-out", type=Path, default=Path("reports/record.json"))
+    args = parser.parse_args()
+
+    raw = read_yaml(Path("params.yaml"))
+    overrides = dict(parse_override(o) for o in args.overrides)
+    for key, value in overrides.items():
+        set_dotted(raw, key, value)
+    shard_size = raw["data"]["shard_size"]
+    plan_path = args.params_out.with_suffix(".plan.yaml")
+    set_dotted(raw, "data.splits.train", 10_000 * shard_size)  # an upper bound; only a prefix is rendered
+    write_params(raw, plan_path)
+
+    started = time.perf_counter()
+    deadline = started + args.generate_minutes * 60
+    rendered, chunk_seconds = 0, 0.0
+    while rendered == 0 or time.perf_counter() + chunk_seconds < deadline:
+        t = time.perf_counter()
+        stage("generate", "--params", str(plan_path), "--quiet", "--shards", f"{rendered}:{rendered + args.chunk_shards}")
+        rendered += args.chunk_shards
+        chunk_seconds = time.perf_counter() - t
+    train_images = rendered * shard_size
+    generate_seconds = time.perf_counter() - started
+
+    set_dotted(raw, "data.splits.train", train_images)
+    set_dotted(raw, "train.max_minutes", args.train_minutes)
+    write_params(raw, args.params_out)
+    stage("generate", "--params", str(args.params_out), "--quiet", "--shards", f"{rendered}:")  # val, test
+    stage("generate", "--params", str(args.params_out), "--manifest-only")
+    data_seconds = time.perf_counter() - started
+
+    t = time.perf_counter()
+    stage("train", "--params", str(args.params_out), "--quiet")
+    train_wall = time.perf_counter() - t
+    t = time.perf_counter()
+    stage("evaluate", "--params", str(args.params_out), "--quiet")
+    evaluate_wall = time.perf_counter() - t
+
+    final = {**overrides, "data.splits.train": train_images, "train.max_minutes": args.train_minutes}
+    summary = {
+        "train_images": train_images, "generate_seconds": round(generate_seconds, 1),
+        "generate_images_per_second": round(train_images / generate_seconds, 1),
+        "data_seconds": round(data_seconds, 1), "train_wall_seconds": round(train_wall, 1),
+        "evaluate_wall_seconds": round(evaluate_wall, 1), "total_seconds": round(time.perf_counter() - started, 1),
+        "dvc_exp_run": exp_run_line(final),
+        "train": json.loads(Path("reports/train.json").read_text()),
+        "metrics": {k: v for k, v in json.loads(Path("reports/metrics.json").read_text()).items()
+                    if isinstance(v, (int, float, str))},
+    }
+    write_json(args.summary_out, summary)
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()

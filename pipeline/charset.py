@@ -80,7 +80,7 @@ def label_probability(probs: np.ndarray, labels: list[list[int]]) -> np.ndarray:
     targets = torch.tensor([c for label in labels for c in label], dtype=torch.long)
     lengths = torch.tensor([len(label) for label in labels], dtype=torch.long)
     steps = torch.full((len(labels),), probs.shape[1], dtype=torch.long)
-    nll = F.ctc_loss(log_probs, targets, steps, lengths, blank=0, reduction="none", zero_infinity=True)
+    nll = F.ctc_loss(log_probs, targets, steps, lengths, blank=0, reduction="none")  # inf -> 0
     return torch.exp(-nll).numpy()
 
 

@@ -269,11 +269,13 @@ def main():
         return
     runs = 1 if args.quick else 3
     report = {"date": time.strftime("%Y-%m-%d"), "machine": machine()}
-    if args.cuda_only:  # the GPU rows alone, for a GPU machine without the serving packages
-        if not torch.cuda.is_available():
-            parser.error("--cuda-only: torch sees no CUDA device")
+    if torch.cuda.is_available():
         report["machine"]["gpu"] = torch.cuda.get_device_name(0)
+        print("CUDA training step per arch ...", flush=True)
         report["cuda_training_images_per_second"] = bench_cuda_training(runs)
+    elif args.cuda_only:
+        parser.error("--cuda-only: torch sees no CUDA device")
+    if args.cuda_only:  # the GPU rows alone, for a GPU machine without the serving packages
         write_json(Path(args.out), report)
         print(format_tables(report))
         print(f"wrote {args.out}")
@@ -292,9 +294,6 @@ def main():
     training["fast/bf16/contiguous"] = median_of(runs, lambda: train_rate("fast", "bf16", 64, 5, channels_last=False))
     print(f"  fast/bf16 without channels-last: {training['fast/bf16/contiguous']:.0f} img/s", flush=True)
     report["training_images_per_second"] = training
-    if torch.cuda.is_available():
-        report["machine"]["gpu"] = torch.cuda.get_device_name(0)
-        report["cuda_training_images_per_second"] = bench_cuda_training(runs)
 
     print("loader ...", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -332,6 +331,11 @@ def main():
     print(f"wrote {args.out}")
 
 
+def cuda_rates(cuda: dict, arch: str) -> list[str]:
+    """An arch's CUDA img/s, fp32 then mixed precision, formatted."""
+    return [f"{cuda[f'{arch}/{precision}']:,.0f}" for precision in ("fp32", cuda["mixed_precision"])]
+
+
 def format_tables(report: dict) -> str:
     """The report as the markdown tables README carries."""
     m = report["machine"]
@@ -340,8 +344,7 @@ def format_tables(report: dict) -> str:
     if "generation" not in report:  # a --cuda-only report
         cuda = report["cuda_training_images_per_second"]
         out += [f"| CUDA training step (batch 256) | fp32 img/s | {cuda['mixed_precision']} img/s |", "|---|---|---|"]
-        out += [f"| `{arch}` | {cuda[f'{arch}/fp32']:,.0f} | {cuda[f'{arch}/' + cuda['mixed_precision']]:,.0f} |"
-                for arch in ARCHS]
+        out += [f"| `{arch}` | {' | '.join(cuda_rates(cuda, arch))} |" for arch in ARCHS]
         return "\n".join(out)
     gen = report["generation"]
     rates = gen["images_per_second"]
@@ -362,7 +365,7 @@ def format_tables(report: dict) -> str:
         row = (f"| `{arch}` | {fp32:.0f} | {bf16:.0f} | {' / '.join(f'{x:,.0f}' for x in loaders)} "
                f"| {min(loaders) / bf16:.0f}x |")
         if cuda:
-            row += f" {cuda[f'{arch}/fp32']:,.0f} / {cuda[f'{arch}/' + cuda['mixed_precision']]:,.0f} |"
+            row += f" {' / '.join(cuda_rates(cuda, arch))} |"
         out.append(row)
     out += [f"(`fast` bf16 without channels-last: {train_rates['fast/bf16/contiguous']:.0f} img/s)", ""]
     out += ["| inference, `fast` | batch 1, model | batch 1, PNG bytes to text | batch 64 |", "|---|---|---|---|"]

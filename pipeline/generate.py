@@ -1,8 +1,10 @@
 """The `generate` stage: render synthetic captchas into shards, then build the manifest.
 
-Every sample is a pure function of (data.seed, split, index): its label and its renderer seed
-come from a hash of those, so any subset of shards can be rendered anywhere, in any order, by
-any number of workers, and give the same bytes.
+Every sample is a pure function of (data.seed, split, index), so any subset of shards can be
+rendered anywhere, in any order, by any number of workers, and give the same bytes. Its label and
+its rendering draw from two independent streams: were they one, the renderer's random colours and
+warps would replay the numbers that chose the label, and the image would give its label away
+outside the glyphs (tests/test_independence.py).
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ from tqdm import tqdm
 
 from pipeline.params import DataParams, PipelineError
 from pipeline.render import Renderer, check_fonts_cover
-from pipeline.shards import Sample, derive_seed, scan_shards, shard_path, write_manifest, write_shard
+from pipeline.seeds import derive_seed
+from pipeline.shards import Sample, scan_shards, shard_path, write_manifest, write_shard
 
 SHARDS_DIR = Path("data/shards")
 MANIFEST = Path("data/manifest.parquet")
@@ -44,11 +47,10 @@ def plan_shards(data: DataParams) -> list[ShardJob]:
 
 def sample_spec(data: DataParams, split: str, i: int) -> tuple[str, str, int]:
     """(key, label, render seed) of sample i of a split. Characters are uniform per position."""
-    seed = derive_seed(data.seed, split, i)
-    rng = random.Random(seed)
+    rng = random.Random(derive_seed(data.seed, split, i, "label"))
     length = rng.randint(data.min_length, data.max_length)
     label = "".join(rng.choice(data.charset) for _ in range(length))
-    return f"{split}_{i:08d}", label, seed
+    return f"{split}_{i:08d}", label, derive_seed(data.seed, split, i, "render")
 
 
 def render_shard(data: DataParams, job: ShardJob, root: Path) -> int:

@@ -27,6 +27,7 @@ from torch.utils.data import IterableDataset
 
 from pipeline.files import atomic_write
 from pipeline.params import PipelineError
+from pipeline.seeds import derive_seed
 
 SPLITS = ("train", "val", "test")
 
@@ -136,21 +137,16 @@ def scan_shards(jobs: list[tuple[str, str]], workers: int, root: Path = Path("."
 # streaming
 
 
-def derive_seed(*parts) -> int:
-    """A 63-bit seed from any parts: independent streams for (seed, epoch, rank, worker)."""
-    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
 class ShardStream(IterableDataset):
     """Batches streamed from WebDataset shards.
 
     Shards are split across distributed ranks, then across loader workers, so each sample is
     read by exactly one worker of one rank per epoch. Training streams shuffle the shard order
-    per epoch and samples through a buffer, both seeded by (seed, epoch, rank, worker); the epoch
-    is shared memory so that persistent workers see `set_epoch`.
+    per epoch and samples through a buffer, both seeded by (seed, epoch, rank, worker); each
+    sample's augmentation draws from its own stream, seeded by (seed, epoch, key). The epoch is
+    shared memory so that persistent workers see `set_epoch`.
 
-    `transform(png_bytes, label, rng)` runs in the workers and returns (image array, target ids);
+    `transform(png_bytes, label, augment_rng)` runs in the workers and returns (image array, target ids);
     batches are (images, targets, target_lengths, labels, keys).
     """
 
@@ -178,9 +174,15 @@ class ShardStream(IterableDataset):
                   wds.tarfile_to_samples()]
         if self.shuffle:
             stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng))
+
+        def apply(sample):
+            # each sample's augmentation has a stream of its own: the same whatever the workers
+            key, label = sample["__key__"], sample["txt"].decode("utf-8")
+            augment_rng = random.Random(derive_seed(self.seed, "augment", epoch, key))
+            return (*self.transform(sample["png"], label, augment_rng), label, key)
+
         stages += [
-            wds.map(lambda s: (*self.transform(s["png"], s["txt"].decode("utf-8"), rng),
-                               s["txt"].decode("utf-8"), s["__key__"])),
+            wds.map(apply),
             wds.batched(self.batch_size, collation_fn=collate, partial=True),
         ]
         return iter(wds.DataPipeline(*stages))

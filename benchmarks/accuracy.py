@@ -16,14 +16,14 @@ import os
 import time
 from pathlib import Path
 
-from pipeline.evaluate import Paths as EvalPaths
-from pipeline.evaluate import evaluate
 from pipeline.files import write_json, write_text
-from pipeline.generate import generate
 from pipeline.models import ARCHS
 from pipeline.params import load_params
-from pipeline.train import Paths as TrainPaths
-from pipeline.train import train
+from pipeline.stages.evaluate import Paths as EvalPaths
+from pipeline.stages.evaluate import evaluate
+from pipeline.stages.generate import generate
+from pipeline.stages.train import Paths as TrainPaths
+from pipeline.stages.train import train
 
 
 def main():
@@ -39,10 +39,9 @@ def main():
     out = Path(args.out)
     table, curves = {}, ["arch\tminutes\tval_seq_accuracy"]
     for arch in args.archs.split(","):
-        settings = dataclasses.asdict(ARCHS[arch].Settings())
         run = dataclasses.replace(
             params,
-            model=dataclasses.replace(params.model, arch=arch, settings=settings),
+            model=params.model.with_arch(arch),
             train=dataclasses.replace(params.train, epochs=1000, max_minutes=args.minutes, patience=0),
         )
         folder = out / arch

@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.files import write_json, write_text
-from pipeline.params import _Loader, load_params, read_yaml
+from pipeline.params import load_params, parse_value, read_yaml
 
 
 def set_dotted(tree: dict, key: str, value) -> None:
@@ -35,7 +35,7 @@ def parse_override(text: str) -> tuple[str, object]:
     key, sep, value = text.partition("=")
     if not sep:
         raise SystemExit(f"--set: expected KEY=VALUE, got {text!r}")
-    return key, yaml.load(value, Loader=_Loader)  # as params.yaml is read: YAML 1.2 floats
+    return key, parse_value(value)  # as params.yaml is read: YAML 1.2 floats
 
 
 def write_params(raw: dict, path: Path) -> None:

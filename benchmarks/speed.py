@@ -24,15 +24,16 @@ import torch
 
 from pipeline import checkpoint
 from pipeline.charset import Charset
-from pipeline.device import autocast, pick_precision
-from pipeline.export import to_onnx
+from pipeline.device import pick_precision
 from pipeline.files import write_json
-from pipeline.generate import generate
 from pipeline.models import ARCHS, build_model
-from pipeline.params import DataParams, Splits
+from pipeline.params import ModelParams, Params, Splits, load_params
 from pipeline.preprocess import Preprocess
 from pipeline.render import Renderer
 from pipeline.shards import ShardStream, make_loader, read_manifest, split_shards
+from pipeline.stages.export import to_onnx
+from pipeline.stages.generate import generate
+from pipeline.stages.train import make_optimizer, train_step
 
 CHARSET = Charset("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
@@ -43,7 +44,7 @@ def median_of(runs: int, measure) -> float:
 
 # -- generation ------------------------------------------------------------------------------
 
-def bench_generation(runs: int, n: int) -> dict:
+def bench_generation(params: Params, runs: int, n: int) -> dict:
     from captcha.image import ImageCaptcha
 
     def bare():
@@ -56,7 +57,8 @@ def bench_generation(runs: int, n: int) -> dict:
     def stage(workers):
         def run():
             with tempfile.TemporaryDirectory() as tmp:
-                data = DataParams(workers=workers, shard_size=n // 4, splits=Splits(train=n, val=0, test=0))
+                data = dataclasses.replace(params.data, workers=workers, shard_size=n // 4,
+                                           splits=Splits(train=n, val=0, test=0))
                 t = time.perf_counter()
                 generate(data, root=Path(tmp) / "shards", manifest=Path(tmp) / "m.parquet", progress=False)
                 return n / (time.perf_counter() - t)
@@ -75,29 +77,25 @@ def bench_generation(runs: int, n: int) -> dict:
 
 # -- training step and loader ----------------------------------------------------------------
 
-def train_rate(arch: str, precision: str, batch: int, steps: int, channels_last: bool = True,
-               device: str = "cpu", settings: dict | None = None) -> float:
-    """Images/s of full training steps on random data; `settings` overrides the arch's defaults."""
+def train_rate(params: Params, model_params: ModelParams, precision: str, batch: int, steps: int,
+               channels_last: bool = True, device: str = "cpu") -> float:
+    """Images/s of pipeline.stages.train's own training step (AdamW, grad clipping, grad scaler)
+    on random data, with the train settings of `params` and the model of `model_params`."""
     torch.manual_seed(0)
     dev = torch.device(device)
-    settings = ARCHS[arch].Settings(**(settings or {}))
-    model = build_model(arch, dataclasses.asdict(settings), CHARSET.num_classes, 4).train().to(dev)
-    x = torch.randn(batch, settings.channels, settings.height, settings.width, device=dev)
-    if channels_last:  # as pipeline.train does
+    settings = model_params.settings
+    model = build_model(model_params.arch, settings, CHARSET.num_classes, 4).train().to(dev)
+    x = torch.randn(batch, settings.channels, settings.height, settings.width)
+    if channels_last:  # as pipeline.stages.train does
         model = model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), 1e-3)
-    targets = torch.randint(1, CHARSET.num_classes, (batch * 4,), device=dev)
+    optimizer = make_optimizer(model, params.train)
+    scaler = torch.amp.GradScaler(dev.type, enabled=precision == "fp16")
+    targets = torch.randint(1, CHARSET.num_classes, (batch * 4,))
     lengths = torch.full((batch,), 4)
-    from pipeline.train import sequence_loss
 
     def step():
-        with autocast(dev, precision):
-            logits = model(x)
-        loss = sequence_loss(logits, targets, lengths, ARCHS[arch].ctc)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        train_step(model, optimizer, scaler, x, targets, lengths, device=dev, precision=precision,
+                   ctc=model_params.ctc, grad_clip=params.train.grad_clip)
 
     def sync():
         if dev.type == "cuda":
@@ -115,12 +113,14 @@ def train_rate(arch: str, precision: str, batch: int, steps: int, channels_last:
     return batch / statistics.median(times)
 
 
-def bench_cuda_training(runs: int) -> dict:
-    mixed = pick_precision("auto", torch.device("cuda"))  # bf16, or fp16 on GPUs without it
+def bench_cuda_training(params: Params, runs: int) -> dict:
+    mixed = pick_precision("auto", torch.device("cuda"), "--cuda-only")  # bf16, or fp16 on GPUs without it
     cuda = {"mixed_precision": mixed}
     for arch in ARCHS:
+        model_params = params.model.with_arch(arch)
         for precision in ("fp32", mixed):
-            cuda[f"{arch}/{precision}"] = median_of(runs, lambda: train_rate(arch, precision, 256, 20, device="cuda"))
+            cuda[f"{arch}/{precision}"] = median_of(
+                runs, lambda: train_rate(params, model_params, precision, 256, 20, device="cuda"))
             print(f"  cuda {arch}/{precision}: {cuda[f'{arch}/{precision}']:.0f} img/s", flush=True)
     return cuda
 
@@ -260,6 +260,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer runs and shorter loads (smoke run)")
     parser.add_argument("--model", default="models/model.pt", help="checkpoint for inference and HTTP")
+    parser.add_argument("--params", default="params.yaml", help="data, model and train settings")
     parser.add_argument("--out", default="reports/bench.json")
     parser.add_argument("--tables", metavar="REPORT", help="only print the tables of a saved report")
     parser.add_argument("--cuda-only", action="store_true", help="only the CUDA training rates")
@@ -268,11 +269,12 @@ def main():
         print(format_tables(json.loads(Path(args.tables).read_text())))
         return
     runs = 1 if args.quick else 3
+    params = load_params(args.params)
     report = {"date": time.strftime("%Y-%m-%d"), "machine": machine()}
     if torch.cuda.is_available():
         report["machine"]["gpu"] = torch.cuda.get_device_name(0)
         print("CUDA training step per arch ...", flush=True)
-        report["cuda_training_images_per_second"] = bench_cuda_training(runs)
+        report["cuda_training_images_per_second"] = bench_cuda_training(params, runs)
     elif args.cuda_only:
         parser.error("--cuda-only: torch sees no CUDA device")
     if args.cuda_only:  # the GPU rows alone, for a GPU machine without the serving packages
@@ -282,29 +284,32 @@ def main():
         return
 
     print("generation ...", flush=True)
-    report["generation"] = bench_generation(runs, 200 if args.quick else 2000)
+    report["generation"] = bench_generation(params, runs, 200 if args.quick else 2000)
     print(json.dumps(report["generation"], indent=1), flush=True)
 
     print("training step per arch and precision ...", flush=True)
     training = {}
     for arch in ARCHS:
+        model_params = params.model.with_arch(arch)
         for precision in ("fp32", "bf16"):
-            training[f"{arch}/{precision}"] = median_of(runs, lambda: train_rate(arch, precision, 64, 3 if args.quick else 5))
+            training[f"{arch}/{precision}"] = median_of(
+                runs, lambda: train_rate(params, model_params, precision, 64, 3 if args.quick else 5))
             print(f"  {arch}/{precision}: {training[f'{arch}/{precision}']:.0f} img/s", flush=True)
-    training["fast/bf16/contiguous"] = median_of(runs, lambda: train_rate("fast", "bf16", 64, 5, channels_last=False))
+    fast = params.model.with_arch("fast")
+    training["fast/bf16/contiguous"] = median_of(
+        runs, lambda: train_rate(params, fast, "bf16", 64, 5, channels_last=False))
     print(f"  fast/bf16 without channels-last: {training['fast/bf16/contiguous']:.0f} img/s", flush=True)
     report["training_images_per_second"] = training
 
     print("loader ...", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        data = DataParams(shard_size=500, splits=Splits(train=2000, val=0, test=0))
+        data = dataclasses.replace(params.data, shard_size=500, splits=Splits(train=2000, val=0, test=0))
         generate(data, root=Path(tmp) / "shards", manifest=Path(tmp) / "m.parquet", progress=False)
         shards = [s for s, _ in split_shards(read_manifest(Path(tmp) / "m.parquet"), "train")]
         loading = {}
         by_input = {}  # architectures with the same input share one measurement
         for arch in ARCHS:
-            s = ARCHS[arch].Settings()
-            pre = Preprocess(s.height, s.width, s.channels)
+            pre = Preprocess.of(params.model.with_arch(arch).settings)
             for workers in (0, 1, 2):
                 if (pre, workers) not in by_input:
                     by_input[pre, workers] = median_of(runs, lambda: loader_rate(shards, pre, workers, 1500))
@@ -316,10 +321,9 @@ def main():
     if not model_path.exists():
         print(f"{model_path} missing: inference figures use an untrained default model", flush=True)
         model_path = Path(tempfile.mkdtemp()) / "model.pt"
-        s = ARCHS["fast"].Settings()
-        model = build_model("fast", dataclasses.asdict(s), CHARSET.num_classes, 4)
-        checkpoint.save(model_path, checkpoint.checkpoint_dict(model, "fast", dataclasses.asdict(s), CHARSET.chars, 4,
-                                                             Preprocess(s.height, s.width, s.channels)))
+        fast = params.model.with_arch("fast")
+        model = build_model("fast", fast.settings, CHARSET.num_classes, 4)
+        checkpoint.save(model_path, checkpoint.contents(model, "fast", fast.settings_dict(), CHARSET.chars, 4))
     print("inference ...", flush=True)
     report["inference"] = inference(model_path, runs)
     print(json.dumps(report["inference"], indent=1), flush=True)

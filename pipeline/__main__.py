@@ -1,4 +1,5 @@
-"""`python -m pipeline COMMAND`: one command per stage; each reads params.yaml (or --params)."""
+"""`python -m pipeline COMMAND`: the click layer, one command per stage; each reads params.yaml (or
+--params) and calls its stage (pipeline/stages/), which builds on the core (pipeline/*.py)."""
 from __future__ import annotations
 
 import sys
@@ -6,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from pipeline.params import PipelineError, load_params
+from pipeline.errors import PipelineError
+from pipeline.params import load_params
 
 
 class _Group(click.Group):
@@ -35,7 +37,7 @@ def cli():
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def generate(params_path, shards, manifest_only, quiet):
     """Render synthetic captchas into data/shards/ and write data/manifest.parquet."""
-    from pipeline.generate import generate as run
+    from pipeline.stages.generate import generate as run
 
     run(load_params(params_path).data, shards=shards, manifest_only=manifest_only, progress=not quiet)
 
@@ -48,7 +50,7 @@ def generate(params_path, shards, manifest_only, quiet):
 @click.option("--skip-invalid", is_flag=True, help="skip invalid files (listed in reports/ingest.json)")
 def ingest(source, params_path, labels, skip_invalid):
     """Ingest a folder of labelled captchas into data/ingest/ (shards + manifest)."""
-    from pipeline.ingest import ingest as run
+    from pipeline.stages.ingest import ingest as run
 
     params = load_params(params_path)
     run(params.data, params.ingest, source=source, labels=labels, skip_invalid=skip_invalid)
@@ -59,7 +61,7 @@ def ingest(source, params_path, labels, skip_invalid):
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def train(params_path, quiet):
     """Train on the shards; write models/model.pt (best on val) and reports/train*."""
-    from pipeline.train import train as run
+    from pipeline.stages.train import train as run
 
     run(load_params(params_path), progress=not quiet)
 
@@ -69,7 +71,7 @@ def train(params_path, quiet):
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def evaluate(params_path, quiet):
     """Score models/model.pt on the test split; write reports/metrics.json and pictures."""
-    from pipeline.evaluate import evaluate as run
+    from pipeline.stages.evaluate import evaluate as run
 
     run(load_params(params_path), progress=not quiet)
 
@@ -78,7 +80,7 @@ def evaluate(params_path, quiet):
 @params_option
 def export(params_path):
     """Export models/model.pt to models/model.onnx and check parity on test images."""
-    from pipeline.export import export as run
+    from pipeline.stages.export import export as run
 
     run(load_params(params_path))
 
@@ -98,7 +100,7 @@ onnx_option = click.option("--onnx/--torch", "onnx", default=None,
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
 def predict(inputs, model_path, onnx, beam, allowed, batch_size):
     """Read images (files, folders, globs); print {"path", "text", "confidence"} per line."""
-    from pipeline.predict import check_allowed, expand_inputs, predict_paths
+    from pipeline.stages.predict import check_allowed, expand_inputs, predict_paths
     from pipeline.recognizer import Recognizer
 
     recognizer = Recognizer(model_path, onnx=onnx)
@@ -116,7 +118,7 @@ def predict(inputs, model_path, onnx, beam, allowed, batch_size):
 @click.option("--threads", default=8, show_default=True, type=click.IntRange(1), help="threads per process")
 def serve(model_path, onnx, host, port, workers, threads):
     """Serve POST /predict, GET /healthz and GET /model over HTTP (waitress)."""
-    from pipeline.serve import serve as run
+    from pipeline.stages.serve import serve as run
 
     run(model_path, host, port, workers=workers, threads=threads, onnx=onnx)
 

@@ -9,12 +9,13 @@ import torch
 from torch import nn
 
 from pipeline.charset import Charset
+from pipeline.errors import PipelineError
 from pipeline.files import atomic_write
 from pipeline.models import ARCHS, build_model
-from pipeline.params import PipelineError
 from pipeline.preprocess import Preprocess
 
 FORMAT = 1
+REQUIRED = ("arch", "settings", "charset", "max_length", "preprocess", "state_dict")
 
 
 @dataclass
@@ -34,8 +35,10 @@ class Bundle:
         return ARCHS[self.arch].ctc
 
 
-def checkpoint_dict(model: nn.Module, arch: str, settings: dict, charset: str, max_length: int,
-                    preprocess: Preprocess, info: dict | None = None, **extra) -> dict:
+def contents(model: nn.Module, arch: str, settings: dict, charset: str, max_length: int,
+             info: dict | None = None, **extra) -> dict:
+    """What model.pt holds; `extra` adds training state (optimizer, ...) for last.pt."""
+    preprocess = Preprocess.of(ARCHS[arch].Settings(**settings))
     return {
         "format": FORMAT, "arch": arch, "settings": settings, "charset": charset,
         "max_length": max_length, "preprocess": preprocess.to_dict(),
@@ -56,9 +59,13 @@ def read(path: Path) -> dict:
     except FileNotFoundError:
         raise PipelineError(f"{path}: checkpoint not found; run the train stage first") from None
     except Exception as e:  # noqa: BLE001 - any unpickling failure means "not our checkpoint"
-        raise PipelineError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {e})") from None
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PipelineError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {reason[:200]})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or ckpt.get("arch") not in ARCHS:
         raise PipelineError(f"{path}: not a captcha-crnn checkpoint (format {FORMAT})")
+    missing = [k for k in REQUIRED if k not in ckpt]
+    if missing:
+        raise PipelineError(f"{path}: checkpoint lacks {', '.join(missing)}")
     return ckpt
 
 
@@ -70,7 +77,10 @@ def model_from(ckpt: dict) -> nn.Module:
 
 def load(path: Path) -> Bundle:
     ckpt = read(path)
-    model = model_from(ckpt).eval()
+    try:
+        model = model_from(ckpt).eval()
+    except (TypeError, RuntimeError, KeyError) as e:
+        raise PipelineError(f"{path}: weights do not fit the recorded model ({str(e).splitlines()[0][:200]})") from None
     return Bundle(model=model, arch=ckpt["arch"], settings=ckpt["settings"],
                   charset=Charset(ckpt["charset"]), max_length=ckpt["max_length"],
                   preprocess=Preprocess.from_dict(ckpt["preprocess"]), info=ckpt.get("info", {}))

@@ -1,4 +1,4 @@
-"""Running a model over batches: probabilities out, decoded text and confidence."""
+"""Running a model: the one forward pass (`model_logits`), probabilities, decoded text."""
 from __future__ import annotations
 
 from typing import Iterable, Iterator
@@ -10,18 +10,27 @@ from torch import nn
 from pipeline.charset import Charset, decode
 from pipeline.device import autocast
 
+CPU = torch.device("cpu")
+
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     e = np.exp(logits - logits.max(-1, keepdims=True))
     return e / e.sum(-1, keepdims=True)
 
 
-@torch.no_grad()
-def forward_probs(model: nn.Module, images: torch.Tensor, device: torch.device, precision: str) -> np.ndarray:
-    """(B, C, H, W) inputs -> (B, T, classes) float32 probabilities."""
+@torch.inference_mode()
+def model_logits(model: nn.Module, images, device: torch.device = CPU, precision: str = "fp32") -> np.ndarray:
+    """(B, C, H, W) preprocessed inputs (tensor or array) -> (B, T, classes) float32 logits."""
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(images)
     with autocast(device, precision):
         logits = model(images.to(device, non_blocking=True))
-    return logits.float().softmax(-1).cpu().numpy()
+    return logits.float().cpu().numpy()
+
+
+def model_probs(model: nn.Module, images, device: torch.device = CPU, precision: str = "fp32") -> np.ndarray:
+    """(B, C, H, W) preprocessed inputs -> (B, T, classes) probabilities."""
+    return softmax(model_logits(model, images, device, precision))
 
 
 def decode_texts(probs: np.ndarray, charset: Charset, ctc: bool, beam: int = 1,
@@ -38,6 +47,6 @@ def predict_batches(model: nn.Module, batches: Iterable, device: torch.device, p
     """Stream (truth, prediction, confidence, key) over loader batches."""
     model.eval()
     for images, _targets, _lengths, labels, keys in batches:
-        probs = forward_probs(model, images, device, precision)
+        probs = model_probs(model, images, device, precision)
         for (text, conf), label, key in zip(decode_texts(probs, charset, ctc), labels, keys):
             yield label, text, conf, key

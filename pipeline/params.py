@@ -1,27 +1,22 @@
 """params.yaml -> typed, validated config objects.
 
-Every stage reads its section through `load_params`; an unknown key, a wrong type or an
-out-of-range value raises `ParamsError` naming the key (`data.min_length`), which the CLI turns
-into a one-line error with exit status 2.
+params.yaml is the only place defaults live: every key is required, and a missing, unknown,
+mistyped or out-of-range one raises `ParamsError` naming it (`data.min_length: ...`), which the CLI
+prints on one line with exit status 2. Model settings are checked by their architecture, and the
+model's output length against `data.max_length`, so a bad setting stops before any stage runs.
 """
 from __future__ import annotations
 
 import dataclasses
 import re
-import string
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-
-class PipelineError(Exception):
-    """A user-facing error: bad params or bad input. The CLI prints it on one line, exit 2."""
-
-
-class ParamsError(PipelineError):
-    pass
+from pipeline.errors import ParamsError, require
+from pipeline.models import ARCHS, output_steps, steps_needed
 
 
 class _Loader(yaml.SafeLoader):
@@ -42,6 +37,11 @@ _Loader.add_implicit_resolver(
 )
 
 
+def parse_value(text: str):
+    """One value as params.yaml reads it (`1e-4` is a float), e.g. for a `--set KEY=VALUE` option."""
+    return yaml.load(text, Loader=_Loader)
+
+
 def read_yaml(path: Path) -> dict:
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -56,73 +56,57 @@ def read_yaml(path: Path) -> dict:
     return data
 
 
-def _check_type(value, hint, key: str):
+def _convert(value, hint, key: str):
     """Return `value` converted to `hint` (int -> float allowed), or raise naming `key`."""
     origin = typing.get_origin(hint)
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ParamsError(f"{key}: expected a number, got {value!r}")
+        require(not isinstance(value, bool) and isinstance(value, (int, float)), key, f"expected a number, got {value!r}")
         return float(value)
     if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ParamsError(f"{key}: expected an integer, got {value!r}")
+        require(not isinstance(value, bool) and isinstance(value, int), key, f"expected an integer, got {value!r}")
         return value
     if hint is bool:
-        if not isinstance(value, bool):
-            raise ParamsError(f"{key}: expected true or false, got {value!r}")
+        require(isinstance(value, bool), key, f"expected true or false, got {value!r}")
         return value
     if hint is str:
-        if not isinstance(value, str):
-            raise ParamsError(f"{key}: expected a string, got {value!r}")
+        require(isinstance(value, str), key, f"expected a string, got {value!r}")
         return value
     if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ParamsError(f"{key}: expected a list, got {value!r}")
+        require(isinstance(value, (list, tuple)), key, f"expected a list, got {value!r}")
         (item,) = set(typing.get_args(hint)) - {Ellipsis}
-        return origin(_check_type(v, item, f"{key}[{i}]") for i, v in enumerate(value))
+        return origin(_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value))
     if origin is dict:
-        if not isinstance(value, dict):
-            raise ParamsError(f"{key}: expected a mapping, got {value!r}")
+        require(isinstance(value, dict), key, f"expected a mapping, got {value!r}")
         _, item = typing.get_args(hint)
-        return {str(k): _check_type(v, item, f"{key}.{k}") for k, v in value.items()}
+        return {str(k): _convert(v, item, f"{key}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(hint):
         return from_mapping(hint, value, key)
-    if origin is typing.Union:  # Optional[...]
-        if value is None:
-            return None
-        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
-        return _check_type(value, inner, key)
     raise TypeError(f"unsupported type {hint} for {key}")
 
 
 def from_mapping(cls, mapping, prefix: str):
-    """Build dataclass `cls` from a mapping: unknown keys and wrong types raise ParamsError."""
-    if mapping is None:
-        mapping = {}
-    if not isinstance(mapping, dict):
-        raise ParamsError(f"{prefix}: expected a mapping, got {mapping!r}")
+    """Build dataclass `cls` from a mapping that gives every field; then `check(prefix)` if it has one."""
+    require(isinstance(mapping, dict), prefix, f"expected a mapping, got {mapping!r}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = [f.name for f in dataclasses.fields(cls)]
     for key in mapping:
-        if key not in names:
-            raise ParamsError(f"{prefix}.{key}: unknown key (known: {', '.join(sorted(names))})")
-    values = {k: _check_type(v, hints[k], f"{prefix}.{k}") for k, v in mapping.items()}
-    obj = cls(**values)
-    validate = getattr(obj, "validate", None)
-    if validate:
-        validate(prefix)
+        require(key in names, f"{prefix}.{key}", f"unknown key (known: {', '.join(sorted(names))})")
+    for name in names:
+        require(name in mapping, f"{prefix}.{name}", "missing (params.yaml gives every key; see the repository's)")
+    obj = cls(**{k: _convert(v, hints[k], f"{prefix}.{k}") for k, v in mapping.items()})
+    if hasattr(obj, "check"):
+        obj.check(prefix)
     return obj
 
 
 def _positive(obj, prefix: str, *names: str) -> None:
     for name in names:
-        if getattr(obj, name) <= 0:
-            raise ParamsError(f"{prefix}.{name}: must be positive, got {getattr(obj, name)!r}")
+        require(getattr(obj, name) > 0, f"{prefix}.{name}", f"must be positive, got {getattr(obj, name)!r}")
 
 
-def _choice(obj, prefix: str, name: str, choices: tuple[str, ...]) -> None:
-    if getattr(obj, name) not in choices:
-        raise ParamsError(f"{prefix}.{name}: expected one of {', '.join(choices)}, got {getattr(obj, name)!r}")
+def _one_of(obj, prefix: str, name: str, choices: tuple[str, ...]) -> None:
+    value = getattr(obj, name)
+    require(value in choices, f"{prefix}.{name}", f"expected one of {', '.join(choices)}, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,16 +115,14 @@ def _choice(obj, prefix: str, name: str, choices: tuple[str, ...]) -> None:
 
 @dataclass(frozen=True)
 class Splits:
-    train: int = 100_000
-    val: int = 2_000
-    test: int = 10_000
+    train: int
+    val: int
+    test: int
 
-    def validate(self, prefix: str) -> None:
-        for name in ("train", "val", "test"):
-            if getattr(self, name) < 0:
-                raise ParamsError(f"{prefix}.{name}: must be >= 0, got {getattr(self, name)}")
-        if self.train + self.val + self.test == 0:
-            raise ParamsError(f"{prefix}: all splits are empty")
+    def check(self, prefix: str) -> None:
+        for name, count in self.items():
+            require(count >= 0, f"{prefix}.{name}", f"must be >= 0, got {count}")
+        require(self.train + self.val + self.test > 0, prefix, "all splits are empty")
 
     def items(self):
         return [("train", self.train), ("val", self.val), ("test", self.test)]
@@ -148,40 +130,32 @@ class Splits:
 
 @dataclass(frozen=True)
 class DataParams:
-    charset: str = string.digits + string.ascii_uppercase
-    min_length: int = 4
-    max_length: int = 4
-    width: int = 128
-    height: int = 64
-    seed: int = 0
-    workers: int = 2
-    shard_size: int = 2_000
-    splits: Splits = field(default_factory=Splits)
-    fonts: list[str] = field(default_factory=list)  # empty: the font bundled with `captcha`
-    font_sizes: list[int] = field(default_factory=lambda: [42, 50, 56])
+    charset: str
+    min_length: int
+    max_length: int
+    width: int  # rendered image size
+    height: int
+    fonts: list[str]  # TrueType files; empty: the font bundled with `captcha`
+    font_sizes: list[int]
+    seed: int
+    workers: int
+    shard_size: int
+    splits: Splits
 
-    def validate(self, prefix: str) -> None:
-        if not self.charset:
-            raise ParamsError(f"{prefix}.charset: must not be empty")
+    def check(self, prefix: str) -> None:
+        require(bool(self.charset), f"{prefix}.charset", "must not be empty")
         dupes = sorted({c for c in self.charset if self.charset.count(c) > 1})
-        if dupes:
-            raise ParamsError(f"{prefix}.charset: duplicated characters {''.join(dupes)!r}")
+        require(not dupes, f"{prefix}.charset", f"duplicated characters {''.join(dupes)!r}")
         bad = [c for c in self.charset if not c.isprintable() or c.isspace()]
-        if bad:
-            raise ParamsError(f"{prefix}.charset: whitespace or unprintable characters {bad!r}")
+        require(not bad, f"{prefix}.charset", f"whitespace or unprintable characters {bad!r}")
         _positive(self, prefix, "min_length", "max_length", "width", "height", "workers", "shard_size")
-        if self.min_length > self.max_length:
-            raise ParamsError(
-                f"{prefix}.min_length: {self.min_length} is greater than max_length {self.max_length}"
-            )
+        require(self.min_length <= self.max_length, f"{prefix}.min_length",
+                f"{self.min_length} is greater than max_length {self.max_length}")
+        require(bool(self.font_sizes), f"{prefix}.font_sizes", "must not be empty")
         for i, size in enumerate(self.font_sizes):
-            if size <= 0:
-                raise ParamsError(f"{prefix}.font_sizes[{i}]: must be positive, got {size}")
-        if not self.font_sizes:
-            raise ParamsError(f"{prefix}.font_sizes: must not be empty")
+            require(size > 0, f"{prefix}.font_sizes[{i}]", f"must be positive, got {size}")
         for i, font in enumerate(self.fonts):
-            if not Path(font).is_file():
-                raise ParamsError(f"{prefix}.fonts[{i}]: font file not found: {font}")
+            require(Path(font).is_file(), f"{prefix}.fonts[{i}]", f"font file not found: {font}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,115 +164,124 @@ class DataParams:
 
 @dataclass(frozen=True)
 class ModelParams:
-    arch: str = "fast"
-    settings: dict = field(default_factory=dict)  # model.<arch> as given, validated by the arch
+    arch: str
+    settings: typing.Any  # the arch's Settings dataclass, checked
+    by_arch: dict = dataclasses.field(default_factory=dict, repr=False)  # every model.<arch> given, checked
+
+    @property
+    def ctc(self) -> bool:
+        return ARCHS[self.arch].ctc
+
+    def with_arch(self, arch: str) -> "ModelParams":
+        """Another architecture, with its settings from the same params file."""
+        require(arch in self.by_arch, f"model.{arch}", "missing from the params file")
+        return ModelParams(arch, self.by_arch[arch], self.by_arch)
+
+    def settings_dict(self) -> dict:
+        return dataclasses.asdict(self.settings)
 
 
-def model_params(section: dict | None, prefix: str = "model") -> ModelParams:
-    from pipeline.models import ARCHS
-
-    section = dict(section or {})
-    arch = section.pop("arch", ModelParams.arch)
-    if arch not in ARCHS:
-        raise ParamsError(f"{prefix}.arch: unknown architecture {arch!r} (known: {', '.join(ARCHS)})")
+def model_params(section, max_length: int, prefix: str = "model") -> ModelParams:
+    """model.arch and every model.<arch> section given, each checked by its architecture."""
+    require(isinstance(section, dict), prefix, f"expected a mapping, got {section!r}")
+    section = dict(section)
+    require("arch" in section, f"{prefix}.arch", "missing")
+    arch = section.pop("arch")
+    require(arch in ARCHS, f"{prefix}.arch", f"unknown architecture {arch!r} (known: {', '.join(ARCHS)})")
     for key in section:
-        if key not in ARCHS:
-            raise ParamsError(f"{prefix}.{key}: unknown key (expected arch or one of {', '.join(ARCHS)})")
-    settings = from_mapping(ARCHS[arch].Settings, section.get(arch), f"{prefix}.{arch}")
-    return ModelParams(arch=arch, settings=dataclasses.asdict(settings))
+        require(key in ARCHS, f"{prefix}.{key}", f"unknown key (expected arch or one of {', '.join(ARCHS)})")
+    require(arch in section, f"{prefix}.{arch}", "missing: the settings of the chosen arch")
+    settings = {name: from_mapping(ARCHS[name].Settings, value, f"{prefix}.{name}") for name, value in section.items()}
+    steps, need = output_steps(arch, settings[arch], max_length), steps_needed(arch, max_length)
+    require(steps >= need, f"{prefix}.{arch}.width", f"{steps} output steps cannot emit labels of {max_length} "
+            f"characters (need {need}); widen the input")
+    return ModelParams(arch=arch, settings=settings[arch], by_arch=settings)
 
 
 # ---------------------------------------------------------------------------------------------
-# train
+# train, evaluate, export, ingest
 
 
 @dataclass(frozen=True)
 class TrainParams:
-    lr: float = 3.0e-3
-    epochs: int = 10
-    batch_size: int = 64
-    workers: int = 2
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    weight_decay: float = 1.0e-4
-    warmup: float = 0.1  # fraction of the steps spent warming up (one-cycle)
-    grad_clip: float = 5.0
-    patience: int = 0  # epochs without val improvement before stopping; 0 = never
-    max_minutes: float = 0.0  # training-time budget, also driving the lr schedule; 0 = none
-    shuffle_buffer: int = 2_000
-    augment: float = 0.0  # probability of a random shift/scale of a training image
-    compile: bool = False
-    resume: bool = False
-    init_from: str = ""  # a checkpoint to fine-tune from
-    sources: dict[str, int] = field(default_factory=dict)  # manifest -> times per epoch; empty: synthetic
+    lr: float
+    epochs: int
+    batch_size: int
+    workers: int  # loader processes
+    seed: int
+    device: str  # auto | cpu | cuda
+    precision: str  # auto | fp32 | bf16 | fp16
+    weight_decay: float
+    warmup: float  # fraction of the steps spent warming up (one-cycle)
+    grad_clip: float
+    patience: int  # epochs without val improvement before stopping; 0 = never
+    max_minutes: float  # training-time budget, also driving the lr schedule; 0 = none
+    shuffle_buffer: int
+    augment: float  # probability of a random shift/scale of a training image
+    compile: bool
+    resume: bool
+    init_from: str  # a checkpoint to fine-tune from
+    sources: dict[str, int]  # manifest -> repeats of its training shards per epoch
 
-    def validate(self, prefix: str) -> None:
+    def check(self, prefix: str) -> None:
         _positive(self, prefix, "lr", "epochs", "batch_size", "shuffle_buffer")
-        if self.workers < 0:
-            raise ParamsError(f"{prefix}.workers: must be >= 0, got {self.workers}")
-        _choice(self, prefix, "device", ("auto", "cpu", "cuda"))
-        _choice(self, prefix, "precision", ("auto", "fp32", "bf16", "fp16"))
-        if not 0 <= self.warmup < 1:
-            raise ParamsError(f"{prefix}.warmup: must be in [0, 1), got {self.warmup}")
-        if not 0 <= self.augment <= 1:
-            raise ParamsError(f"{prefix}.augment: must be in [0, 1], got {self.augment}")
+        require(self.workers >= 0, f"{prefix}.workers", f"must be >= 0, got {self.workers}")
+        _one_of(self, prefix, "device", ("auto", "cpu", "cuda"))
+        _one_of(self, prefix, "precision", ("auto", "fp32", "bf16", "fp16"))
+        require(0 <= self.warmup < 1, f"{prefix}.warmup", f"must be in [0, 1), got {self.warmup}")
+        require(0 <= self.augment <= 1, f"{prefix}.augment", f"must be in [0, 1], got {self.augment}")
         for name in ("weight_decay", "grad_clip", "max_minutes", "patience"):
-            if getattr(self, name) < 0:
-                raise ParamsError(f"{prefix}.{name}: must be >= 0, got {getattr(self, name)}")
-        for manifest, weight in self.sources.items():
-            if weight <= 0:
-                raise ParamsError(f"{prefix}.sources.{manifest}: repeats must be positive, got {weight}")
+            require(getattr(self, name) >= 0, f"{prefix}.{name}", f"must be >= 0, got {getattr(self, name)}")
+        require(bool(self.sources), f"{prefix}.sources", "name at least one manifest, e.g. {data/manifest.parquet: 1}")
+        for manifest, repeats in self.sources.items():
+            require(repeats > 0, f"{prefix}.sources.{manifest}", f"repeats must be positive, got {repeats}")
 
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    batch_size: int = 256
-    workers: int = 2
-    device: str = "cpu"  # auto | cpu | cuda
-    precision: str = "fp32"  # what serving computes in (onnxruntime CPU is fp32)
-    thresholds: list[float] = field(default_factory=lambda: [0.5, 0.8, 0.9, 0.95])
-    error_grid: int = 64
+    batch_size: int
+    workers: int
+    device: str  # auto | cpu | cuda
+    precision: str  # what serving computes in (onnxruntime CPU is fp32)
+    thresholds: list[float]
+    error_grid: int
 
-    def validate(self, prefix: str) -> None:
+    def check(self, prefix: str) -> None:
         _positive(self, prefix, "batch_size")
-        _choice(self, prefix, "device", ("auto", "cpu", "cuda"))
-        _choice(self, prefix, "precision", ("auto", "fp32", "bf16", "fp16"))
+        _one_of(self, prefix, "device", ("auto", "cpu", "cuda"))
+        _one_of(self, prefix, "precision", ("auto", "fp32", "bf16", "fp16"))
         for i, t in enumerate(self.thresholds):
-            if not 0 <= t <= 1:
-                raise ParamsError(f"{prefix}.thresholds[{i}]: must be in [0, 1], got {t}")
+            require(0 <= t <= 1, f"{prefix}.thresholds[{i}]", f"must be in [0, 1], got {t}")
 
 
 @dataclass(frozen=True)
 class ExportParams:
-    opset: int = 17
-    parity_samples: int = 256
-    atol: float = 1.0e-3
+    opset: int
+    parity_samples: int
+    atol: float
 
 
 @dataclass(frozen=True)
 class IngestParams:
-    source: str = ""  # folder of labelled images
-    labels: str = ""  # CSV/TSV of path,label; empty: labels from file names
-    pattern: str = r"^(?P<label>[^_.]+)"  # regex on the file name; group `label`
-    case: str = "keep"  # keep | upper | lower: fold labels before checking the charset
-    fractions: dict[str, float] = field(default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1})
-    shard_size: int = 2_000
-    out: str = "data/ingest"
+    source: str  # folder of labelled images
+    labels: str  # CSV/TSV of path,label; empty: labels from file names
+    pattern: str  # regex on the file name; group `label`
+    case: str  # keep | upper | lower: fold labels before checking the charset
+    fractions: dict[str, float]
+    shard_size: int
+    out: str
 
-    def validate(self, prefix: str) -> None:
+    def check(self, prefix: str) -> None:
         _positive(self, prefix, "shard_size")
-        _choice(self, prefix, "case", ("keep", "upper", "lower"))
-        if set(self.fractions) - {"train", "val", "test"}:
-            raise ParamsError(f"{prefix}.fractions: keys must be train, val, test")
-        if any(v < 0 for v in self.fractions.values()) or abs(sum(self.fractions.values()) - 1) > 1e-6:
-            raise ParamsError(f"{prefix}.fractions: must be >= 0 and sum to 1")
+        _one_of(self, prefix, "case", ("keep", "upper", "lower"))
+        require(not set(self.fractions) - {"train", "val", "test"}, f"{prefix}.fractions", "keys must be train, val, test")
+        require(all(v >= 0 for v in self.fractions.values()) and abs(sum(self.fractions.values()) - 1) <= 1e-6,
+                f"{prefix}.fractions", "must be >= 0 and sum to 1")
         try:
             rx = re.compile(self.pattern)
         except re.error as e:
             raise ParamsError(f"{prefix}.pattern: not a valid regex ({e})") from None
-        if "label" not in rx.groupindex:
-            raise ParamsError(f"{prefix}.pattern: needs a named group (?P<label>...)")
+        require("label" in rx.groupindex, f"{prefix}.pattern", "needs a named group (?P<label>...)")
 
 
 SECTIONS = {
@@ -322,9 +305,10 @@ class Params:
 
 def load_params(path: str | Path = "params.yaml") -> Params:
     raw = read_yaml(Path(path))
-    known = set(SECTIONS) | {"model"}
+    known = [*SECTIONS, "model"]
     for key in raw:
-        if key not in known:
-            raise ParamsError(f"{key}: unknown section in {path} (known: {', '.join(sorted(known))})")
-    values = {name: from_mapping(cls, raw.get(name), name) for name, cls in SECTIONS.items()}
-    return Params(model=model_params(raw.get("model")), **values)
+        require(key in known, key, f"unknown section in {path} (known: {', '.join(sorted(known))})")
+    for key in known:
+        require(key in raw, key, f"section missing from {path}")
+    values = {name: from_mapping(cls, raw[name], name) for name, cls in SECTIONS.items()}
+    return Params(model=model_params(raw["model"], values["data"].max_length), **values)

@@ -1,5 +1,6 @@
-"""Image -> model input: the one function that training, evaluation, prediction, serving and the
-ONNX path all use. The checkpoint records its settings (`Preprocess.to_dict`).
+"""Images in: decoding (`decode_image`, the one function that reads stored or uploaded image
+bytes) and image -> model input (`Preprocess`, the one function that training, evaluation,
+prediction, serving and the ONNX path all use). The checkpoint records its settings.
 
 Any input is accepted: a path, bytes, a PIL image or a numpy array, of any mode (RGB, RGBA, L,
 LA, P, 1, I;16, I, F) and size. Transparency is composited onto white, 16-bit and float images
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import io
 import random
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,6 +23,39 @@ FORMATS = {"PNG", "JPEG", "GIF", "BMP", "WEBP"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp"}
 
 
+class ImageError(ValueError):
+    """Bytes that are not a usable image. `kind`: unreadable | format | too_large | corrupt."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
+    """Bytes -> decoded PIL image (first frame of animations), checked in this order: readable
+    header, accepted format, pixel count (from the header, before decoding), then the pixels."""
+    if not data:
+        raise ImageError("unreadable", "empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError("too_large", f"image too large: {e}") from None
+    except (OSError, SyntaxError, ValueError):
+        raise ImageError("unreadable", "not an image (PNG, JPEG, GIF, BMP or WebP)") from None
+    if image.format not in FORMATS:
+        raise ImageError("format", f"unsupported image format {image.format}")
+    width, height = image.size
+    if width <= 0 or height <= 0 or (max_pixels is not None and width * height > max_pixels):
+        raise ImageError("too_large", f"image of {width}x{height} pixels is over the limit of {max_pixels}")
+    try:
+        image.load()  # decode now: truncated files fail here, not later
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageError("corrupt", f"truncated or corrupt image ({e})") from None
+    return image
+
+
 @dataclass(frozen=True)
 class Preprocess:
     height: int
@@ -28,6 +63,11 @@ class Preprocess:
     channels: int  # 1 or 3
     mean: float = 0.5
     std: float = 0.5
+
+    @classmethod
+    def of(cls, settings) -> "Preprocess":
+        """The input of a model's settings (anything with height, width and channels)."""
+        return cls(settings.height, settings.width, settings.channels)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -53,23 +93,16 @@ class Preprocess:
 
 
 def load_image(image) -> Image.Image:
-    """Open paths and bytes (first frame of animations), wrap arrays; raise ValueError if not an image."""
+    """Paths and bytes are decoded (`decode_image`), arrays wrapped, PIL images kept as they are."""
     if isinstance(image, Image.Image):
         return image
     if isinstance(image, np.ndarray):
         return _from_array(image)
     if isinstance(image, (str, Path)):
-        data = Path(image).read_bytes()
-    elif isinstance(image, (bytes, bytearray, memoryview)):
-        data = bytes(image)
-    else:
-        raise TypeError(f"cannot read an image from {type(image).__name__}")
-    try:
-        pil = Image.open(io.BytesIO(data))
-        pil.load()  # decode now: truncated files fail here, not later
-    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ValueError(f"not a readable image ({e})") from None
-    return pil
+        return decode_image(Path(image).read_bytes())
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return decode_image(bytes(image))
+    raise TypeError(f"cannot read an image from {type(image).__name__}")
 
 
 def _from_array(arr: np.ndarray) -> Image.Image:

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from pipeline import checkpoint
-from pipeline.inference import decode_texts, softmax
-from pipeline.params import PipelineError
+from pipeline.errors import PipelineError
+from pipeline.inference import decode_texts, model_probs, softmax
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,7 @@ class Recognizer:
         """(B, C, H, W) preprocessed float32 -> (B, T, classes) probabilities."""
         if self.session is not None:
             return softmax(self.session.run(None, {"images": batch})[0])
-        with torch.inference_mode():
-            return self.bundle.model(torch.from_numpy(batch)).float().softmax(-1).numpy()
+        return model_probs(self.bundle.model, batch)
 
     def predict_arrays(self, batch: np.ndarray, beam: int = 1, allowed: str | None = None) -> list[Prediction]:
         if len(batch) == 0:

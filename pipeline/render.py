@@ -14,7 +14,8 @@ import captcha.image
 from captcha.image import ImageCaptcha
 from PIL import Image, ImageFont
 
-from pipeline.params import DataParams, ParamsError
+from pipeline.errors import ParamsError
+from pipeline.params import DataParams
 
 
 class _SeededSecrets:

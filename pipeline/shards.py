@@ -26,7 +26,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset
 
 from pipeline.files import atomic_write
-from pipeline.params import PipelineError
+from pipeline.errors import PipelineError
 from pipeline.seeds import derive_seed
 
 SPLITS = ("train", "val", "test")

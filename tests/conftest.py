@@ -1,4 +1,7 @@
-"""Shared fixtures: tiny params files and a tiny generated dataset, made once per session."""
+"""Shared fixtures: tiny params files and a tiny generated dataset, made once per session.
+
+Every params file a test writes is the repository's params.yaml (the only place defaults live)
+with the TINY values and the test's own on top."""
 from __future__ import annotations
 
 import os
@@ -9,6 +12,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+REPO_PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
 
 TINY = {
     "data": {"min_length": 4, "max_length": 5, "workers": 2, "shard_size": 60,
@@ -27,10 +31,17 @@ def merge(base: dict, override: dict) -> dict:
     return out
 
 
-def write_params(folder: Path, override: dict | None = None, base: dict = TINY) -> Path:
+def write_params(folder: Path, override: dict | None = None) -> Path:
     path = Path(folder) / "params.yaml"
-    path.write_text(yaml.safe_dump(merge(base, override or {}), sort_keys=False))
+    path.write_text(yaml.safe_dump(merge(merge(REPO_PARAMS, TINY), override or {}), sort_keys=False))
     return path
+
+
+def default_params():
+    """The repository's params.yaml, loaded."""
+    from pipeline.params import load_params
+
+    return load_params(REPO / "params.yaml")
 
 
 @pytest.fixture
@@ -44,9 +55,9 @@ def workdir(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory):
     """A generated tiny dataset (shards + manifest) and a briefly trained model, read-only."""
-    from pipeline.generate import generate
+    from pipeline.stages.generate import generate
     from pipeline.params import load_params
-    from pipeline.train import train
+    from pipeline.stages.train import train
 
     root = tmp_path_factory.mktemp("tiny")
     params_path = write_params(root, {"train": {"epochs": 2}})

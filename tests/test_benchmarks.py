@@ -1,6 +1,7 @@
 """The benchmark report's tables (the figures themselves are measured by `make bench`, not here)."""
 from benchmarks.speed import format_tables, train_rate
 from pipeline.models import ARCHS
+from tests.conftest import default_params
 
 
 def fake_report() -> dict:
@@ -47,8 +48,9 @@ def test_cuda_only_report_prints_its_table():
 
 
 def test_train_rate_runs_each_arch_a_step():
+    params = default_params()
     for arch in ARCHS:
-        assert train_rate(arch, "fp32", batch=2, steps=1) > 0
+        assert train_rate(params, params.model.with_arch(arch), "fp32", batch=2, steps=1) > 0
 
 
 def test_record_run_renders_a_prefix_that_is_an_ordinary_dataset(tmp_path):
@@ -59,9 +61,9 @@ def test_record_run_renders_a_prefix_that_is_an_ordinary_dataset(tmp_path):
     import subprocess
     import sys
 
-    from pipeline.generate import generate
     from pipeline.params import load_params
     from pipeline.shards import read_manifest
+    from pipeline.stages.generate import generate
     from tests.conftest import REPO, write_params
 
     write_params(tmp_path, {"data": {"min_length": 4, "max_length": 4, "shard_size": 20,

@@ -32,7 +32,7 @@ def one_hot_path(path: str, sharpness: float = 0.9) -> np.ndarray:
     ("AAAA", "A"),
     ("B--B", "BB"),
     ("9999-", "9"),
-    ("12344", "1234"),  # a final repeated character is one character (the seed's bug dropped it)
+    ("12344", "1234"),  # a final repeated character is one character (a common decoder bug drops it)
     ("123-44", "1234"),
     ("123-4-4", "12344"),
 ])

@@ -7,10 +7,11 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.__main__ import cli
-from pipeline.export import export
 from pipeline.params import load_params
 from pipeline.recognizer import Recognizer
 from pipeline.shards import iter_tar
+from pipeline.stages.export import export
+from tests.conftest import write_params
 
 
 def test_onnx_export_parity_and_automatic_choice(tiny_copy):
@@ -44,3 +45,11 @@ def test_predict_folder_with_a_corrupt_file(tiny_copy):
     assert [e["path"].endswith("broken.png") for e in errors] == [True]
     good = [x for x in lines if "error" not in x]
     assert all(set(x) == {"path", "text", "confidence"} and 0 <= x["confidence"] <= 1 for x in good)
+
+
+def test_evaluate_errors_name_the_evaluate_keys(tiny_copy):
+    write_params(tiny_copy, {"evaluate": {"precision": "fp16"}})
+    result = CliRunner().invoke(cli, ["evaluate", "--quiet"])
+    assert result.exit_code == 2
+    assert result.output.strip() == "error: evaluate.precision: fp16 is for CUDA; use bf16 or fp32 on CPU"
+    assert not (tiny_copy / "reports/metrics.json").exists()

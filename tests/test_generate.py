@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-import math
+import dataclasses
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -10,10 +10,10 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.__main__ import cli
-from pipeline.generate import generate, sample_spec
-from pipeline.params import DataParams, Splits, load_params
+from pipeline.params import load_params
 from pipeline.shards import Sample, iter_tar, write_shard
-from tests.conftest import write_params
+from pipeline.stages.generate import sample_spec
+from tests.conftest import default_params, write_params
 
 SMALL = {"data": {"shard_size": 40, "splits": {"train": 120, "val": 40, "test": 50}}}
 
@@ -80,7 +80,7 @@ def test_manifest_matches_shards(tiny_dataset):
 
 
 def test_labels_honour_charset_and_lengths_and_are_uniform():
-    data = DataParams(charset="ABCDEFGH0123", min_length=3, max_length=6)
+    data = dataclasses.replace(default_params().data, charset="ABCDEFGH0123", min_length=3, max_length=6)
     labels = [sample_spec(data, "train", i)[1] for i in range(6000)]
     assert all(3 <= len(lab) <= 6 and set(lab) <= set(data.charset) for lab in labels)
     lengths = Counter(len(lab) for lab in labels)
@@ -107,6 +107,14 @@ def test_labels_honour_charset_and_lengths_and_are_uniform():
     ({"data": {"charset": "AB\u4e2d"}}, "data.charset"),
     ({"data": {"workers": "two"}}, "data.workers"),
     ({"nonsense": {}}, "nonsense"),
+    ({"model": {"fast": {"conv": [16, 32, 64]}}}, "model.fast.conv"),
+    ({"model": {"fast": {"channels": 2}}}, "model.fast.channels"),
+    ({"model": {"fast": {"hidden": -5}}}, "model.fast.hidden"),
+    ({"model": {"fast": {"dropout": 1.5}}}, "model.fast.dropout"),
+    ({"model": {"fast": {"width": 24}}, "data": {"max_length": 8}}, "model.fast.width"),
+    ({"model": {"crnn": {"height": 64}}}, "model.crnn.height"),
+    ({"model": {"arch": "vgg"}}, "model.arch"),
+    ({"train": {"sources": {"data/manifest.parquet": 0}}}, "train.sources.data/manifest.parquet"),
 ])
 def test_bad_params_exit_2_naming_the_key(tmp_path, monkeypatch, override, key):
     monkeypatch.chdir(tmp_path)
@@ -116,6 +124,22 @@ def test_bad_params_exit_2_naming_the_key(tmp_path, monkeypatch, override, key):
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"error: {key}"), result.output
     assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("section, key", [("train", "epochs"), ("data", "seed"), ("model", "fast")])
+def test_a_missing_key_is_an_error_not_a_default(tmp_path, monkeypatch, section, key):
+    """params.yaml is the only place defaults live: without a key, no stage guesses one."""
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    raw = yaml.safe_load(write_params(tmp_path).read_text())
+    del raw[section][key]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(cli, ["generate", "--quiet"])
+    assert result.exit_code == 2
+    assert result.output.strip() == f"error: {section}.{key}: missing" + (
+        ": the settings of the chosen arch" if section == "model" else
+        " (params.yaml gives every key; see the repository's)")
 
 
 def test_interrupted_shard_leaves_nothing_that_looks_finished(tmp_path):

@@ -20,13 +20,13 @@ import torch
 from PIL import Image
 
 from pipeline.charset import Charset
-from pipeline.generate import generate, sample_spec
-from pipeline.ingest import ingest
 from pipeline.params import load_params
 from pipeline.preprocess import Preprocess
 from pipeline.render import Renderer
 from pipeline.seeds import derive_seed
 from pipeline.shards import Sample, ShardStream, iter_tar, make_loader, write_shard
+from pipeline.stages.generate import generate, sample_spec
+from pipeline.stages.ingest import ingest
 from tests.conftest import write_params
 
 Z_LIMIT = 6.0  # 24 tests of a statistic that is about normal under independence: z > 6 is not chance

@@ -11,12 +11,12 @@ from click.testing import CliRunner
 from PIL import Image
 
 from pipeline.__main__ import cli
-from pipeline.evaluate import evaluate
-from pipeline.ingest import ingest
 from pipeline.params import load_params
 from pipeline.render import Renderer
 from pipeline.shards import iter_tar
-from pipeline.train import train
+from pipeline.stages.evaluate import evaluate
+from pipeline.stages.ingest import ingest
+from pipeline.stages.train import train
 from tests.conftest import write_params
 
 RENDER = Renderer(128, 64)
@@ -137,7 +137,7 @@ def test_tiny_end_to_end_with_both_sources(tiny_copy):
     for i in range(120):
         label = "".join("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"[(i * 5 + j * 11) % 36] for j in range(4))
         (folder / f"{label}_{i}.png").parent.mkdir(exist_ok=True)
-        (folder / f"{label}_{i}.png").write_bytes(encode(label, 1000 + i))  # the first seed's naming
+        (folder / f"{label}_{i}.png").write_bytes(encode(label, 1000 + i))  # LABEL_n.png naming
     sources = {"data/manifest.parquet": 1, "data/ingest/manifest.parquet": 2}
     write_params(tiny_copy, {"train": {"sources": sources, "init_from": "models/model.pt"}})
     params = load_params("params.yaml")
@@ -151,7 +151,7 @@ def test_tiny_end_to_end_with_both_sources(tiny_copy):
 
 
 def test_init_from_needs_the_same_charset(tiny_copy):
-    from pipeline.params import PipelineError
+    from pipeline.errors import PipelineError
 
     write_params(tiny_copy, {"data": {"charset": "0123456789"}, "train": {"init_from": "models/model.pt"}})
     with pytest.raises(PipelineError, match="train.init_from"):

@@ -12,7 +12,7 @@ from PIL import Image
 
 from pipeline.recognizer import Recognizer
 from pipeline.render import Renderer
-from pipeline.serve import Limits, create_app
+from pipeline.stages.serve import Limits, create_app
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 from torch import nn
 
 from pipeline.models import crnn, ctc_conv, fast, multihead
@@ -16,7 +17,7 @@ from pipeline.models import crnn, ctc_conv, fast, multihead
 
 @dataclass(frozen=True)
 class Arch:
-    Settings: type
+    Settings: type  # a frozen dataclass with check(prefix), validated when params load
     build: Callable[..., nn.Module]  # build(settings, num_classes, max_length)
     ctc: bool = True
 
@@ -24,12 +25,27 @@ class Arch:
 ARCHS = {
     "fast": Arch(fast.Settings, fast.FastCRNN),
     "crnn": Arch(crnn.Settings, crnn.CRNN),
-    "ctc_gru": Arch(ctc_conv.GRUSettings, ctc_conv.ConvRNN),
-    "ctc_lstm": Arch(ctc_conv.LSTMSettings, ctc_conv.ConvRNN),
+    "ctc_gru": Arch(ctc_conv.Settings, ctc_conv.gru),
+    "ctc_lstm": Arch(ctc_conv.Settings, ctc_conv.lstm),
     "multihead": Arch(multihead.Settings, multihead.MultiHead, ctc=False),
 }
 
 
-def build_model(arch: str, settings: dict, num_classes: int, max_length: int) -> nn.Module:
+def build_model(arch: str, settings, num_classes: int, max_length: int) -> nn.Module:
+    """`settings`: the arch's Settings, or a mapping of its fields (as a checkpoint stores them)."""
     spec = ARCHS[arch]
-    return spec.build(spec.Settings(**settings), num_classes, max_length)
+    if not isinstance(settings, spec.Settings):
+        settings = spec.Settings(**settings)
+    return spec.build(settings, num_classes, max_length)
+
+
+def output_steps(arch: str, settings, max_length: int) -> int:
+    """Time steps of the model's output, computed on the meta device (no weights, no arithmetic)."""
+    with torch.device("meta"):
+        model = build_model(arch, settings, 2, max_length)
+        return model(torch.zeros(1, settings.channels, settings.height, settings.width)).shape[1]
+
+
+def steps_needed(arch: str, max_length: int) -> int:
+    """CTC needs a blank between repeated characters: 2 * max_length - 1 steps; fixed heads need one per position."""
+    return 2 * max_length - 1 if ARCHS[arch].ctc else max_length

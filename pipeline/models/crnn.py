@@ -1,4 +1,5 @@
-"""The first seed's CRNN: VGG-style 7-conv CNN (64..512, BatchNorm on the later layers) + 2 BiLSTM."""
+"""The CRNN of the tutorial this project started from: VGG-style 7-conv CNN (64..512, BatchNorm on
+the later layers) + 2 BiLSTM."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,24 +7,24 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pipeline.errors import require
 from pipeline.models.layers import InputSettings, conv_bn_relu
 
 
 @dataclass(frozen=True)
 class Settings(InputSettings):
-    height: int = 32
-    width: int = 128
-    channels: int = 1
-    hidden: int = 256
+    hidden: int
+
+    def check(self, prefix: str) -> None:
+        super().check(prefix)
+        require(self.height == 32, f"{prefix}.height", f"the CRNN's pooling needs 32 px high input, got {self.height}")
+        require(self.width >= 16, f"{prefix}.width", f"must be at least 16, got {self.width}")
+        require(self.hidden > 0, f"{prefix}.hidden", f"must be positive, got {self.hidden}")
 
 
 class CRNN(nn.Module):
     def __init__(self, s: Settings, num_classes: int, max_length: int):
         super().__init__()
-        if s.height != 32:
-            from pipeline.params import ParamsError
-
-            raise ParamsError("model.crnn.height: the CRNN's pooling needs 32 px high input")
         self.cnn = nn.Sequential(
             *conv_bn_relu(s.channels, 64, bn=False), nn.MaxPool2d(2, 2),
             *conv_bn_relu(64, 128, bn=False), nn.MaxPool2d(2, 2),

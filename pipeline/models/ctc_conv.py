@@ -1,5 +1,6 @@
-"""The second seed's CTC models: 5 blocks of 2x(conv3x3+BN+ReLU), pooling 2,2,2,(2,1),(2,1),
-height flattened into features, 2 bidirectional GRU (Keras version) or LSTM (PyTorch version)."""
+"""The CTC models of the reference captcha-breaking project: 5 blocks of 2x(conv3x3+BN+ReLU),
+pooling 2,2,2,(2,1),(2,1), height flattened into features, 2 bidirectional GRU (its Keras version)
+or LSTM (its PyTorch version)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,12 +8,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pipeline.errors import require
 from pipeline.models.layers import InputSettings, SequenceHead, conv_bn_relu
 
 CHANNELS = (32, 64, 128, 256, 256)
 
 
-def seed_trunk(in_channels: int, pools) -> nn.Sequential:
+def reference_trunk(in_channels: int, pools) -> nn.Sequential:
     layers: list[nn.Module] = []
     c_in = in_channels
     for c_out, pool in zip(CHANNELS, pools):
@@ -22,25 +24,30 @@ def seed_trunk(in_channels: int, pools) -> nn.Sequential:
 
 
 @dataclass(frozen=True)
-class GRUSettings(InputSettings):
-    height: int = 64
-    width: int = 128
-    channels: int = 3
-    hidden: int = 128
-    cell: str = "gru"
+class Settings(InputSettings):
+    hidden: int
 
-
-@dataclass(frozen=True)
-class LSTMSettings(GRUSettings):
-    cell: str = "lstm"
+    def check(self, prefix: str) -> None:
+        super().check(prefix)
+        require(self.height >= 32, f"{prefix}.height", f"must be at least 32 (five poolings), got {self.height}")
+        require(self.width >= 8, f"{prefix}.width", f"must be at least 8, got {self.width}")
+        require(self.hidden > 0, f"{prefix}.hidden", f"must be positive, got {self.hidden}")
 
 
 class ConvRNN(nn.Module):
-    def __init__(self, s: GRUSettings, num_classes: int, max_length: int):
+    def __init__(self, s: Settings, num_classes: int, max_length: int, cell: str = "gru"):
         super().__init__()
-        self.cnn = seed_trunk(s.channels, [2, 2, 2, (2, 1), (2, 1)])
+        self.cnn = reference_trunk(s.channels, [2, 2, 2, (2, 1), (2, 1)])
         features = CHANNELS[-1] * (s.height // 32)
-        self.head = SequenceHead(features, s.hidden, 2, num_classes, cell=s.cell)
+        self.head = SequenceHead(features, s.hidden, 2, num_classes, cell=cell)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.cnn(x))
+
+
+def gru(s: Settings, num_classes: int, max_length: int) -> ConvRNN:
+    return ConvRNN(s, num_classes, max_length, cell="gru")
+
+
+def lstm(s: Settings, num_classes: int, max_length: int) -> ConvRNN:
+    return ConvRNN(s, num_classes, max_length, cell="lstm")

@@ -5,23 +5,30 @@ height, so a 32x96 input gives 24 steps of (2 rows x c4 channels) features.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from pipeline.models.layers import InputSettings, SequenceHead, conv_bn_relu
+from pipeline.errors import require
+from pipeline.models.layers import InputSettings, SequenceHead, check_dropout, conv_bn_relu
 
 
 @dataclass(frozen=True)
 class Settings(InputSettings):
-    height: int = 32
-    width: int = 96
-    channels: int = 1
-    conv: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
-    hidden: int = 128
-    rnn_layers: int = 2
-    dropout: float = 0.1
+    conv: list[int]  # channels of the four conv blocks
+    hidden: int
+    rnn_layers: int
+    dropout: float
+
+    def check(self, prefix: str) -> None:
+        super().check(prefix)
+        require(self.height >= 16, f"{prefix}.height", f"must be at least 16 (four poolings), got {self.height}")
+        require(len(self.conv) == 4 and all(c > 0 for c in self.conv), f"{prefix}.conv",
+                f"expected 4 positive channel counts, got {self.conv}")
+        require(self.hidden > 0, f"{prefix}.hidden", f"must be positive, got {self.hidden}")
+        require(self.rnn_layers > 0, f"{prefix}.rnn_layers", f"must be positive, got {self.rnn_layers}")
+        check_dropout(self.dropout, f"{prefix}.dropout")
 
 
 class FastCRNN(nn.Module):

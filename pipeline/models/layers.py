@@ -6,12 +6,23 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pipeline.errors import require
+
 
 @dataclass(frozen=True)
 class InputSettings:
-    height: int = 64
-    width: int = 128
-    channels: int = 1  # 1: grayscale, 3: RGB
+    height: int
+    width: int
+    channels: int  # 1: grayscale, 3: RGB
+
+    def check(self, prefix: str) -> None:
+        require(self.height > 0, f"{prefix}.height", f"must be positive, got {self.height}")
+        require(self.width > 0, f"{prefix}.width", f"must be positive, got {self.width}")
+        require(self.channels in (1, 3), f"{prefix}.channels", f"must be 1 (gray) or 3 (RGB), got {self.channels}")
+
+
+def check_dropout(value: float, key: str) -> None:
+    require(0 <= value < 1, key, f"must be in [0, 1), got {value}")
 
 
 def conv_bn_relu(c_in: int, c_out: int, kernel: int = 3, padding: int = 1, bn: bool = True) -> list[nn.Module]:
@@ -38,19 +49,3 @@ class SequenceHead(nn.Module):
         seq = features.permute(0, 3, 1, 2).reshape(b, w, c * h)
         out, _ = self.rnn(seq)
         return self.classifier(out)
-
-
-def check_steps(model: nn.Module, settings: InputSettings, max_length: int, ctc: bool = True) -> int:
-    """Output time steps for one input; CTC needs at least 2 * max_length - 1 (repeats need blanks)."""
-    with torch.no_grad():
-        was = model.training
-        model.eval()
-        steps = model(torch.zeros(1, settings.channels, settings.height, settings.width)).shape[1]
-        model.train(was)
-    need = 2 * max_length - 1 if ctc else max_length
-    if steps < need:
-        from pipeline.params import ParamsError
-
-        raise ParamsError(f"model: {steps} output steps cannot emit labels of {max_length} characters "
-                          f"(need {need}); widen the input (model.<arch>.width)")
-    return steps

@@ -12,11 +12,12 @@ import torch
 
 from pipeline import checkpoint
 from pipeline.files import atomic_write, write_json
-from pipeline.inference import decode_texts, softmax
-from pipeline.params import Params, PipelineError
+from pipeline.errors import PipelineError
+from pipeline.inference import decode_texts, model_logits, softmax
+from pipeline.params import Params
 from pipeline.recognizer import file_sha256, onnx_session
-from pipeline.shards import iter_tar, read_manifest, split_shards
-from pipeline.train import DEFAULT_SOURCES
+from pipeline.shards import iter_tar
+from pipeline.sources import load_sources, shards_of
 
 
 def to_onnx(bundle: checkpoint.Bundle, checkpoint_sha256: str, opset: int) -> bytes:
@@ -42,15 +43,12 @@ def to_onnx(bundle: checkpoint.Bundle, checkpoint_sha256: str, opset: int) -> by
 
 def export(params: Params, model_path: Path = Path("models/model.pt"),
            onnx_path: Path = Path("models/model.onnx"), report: Path = Path("reports/export.json")) -> dict:
-    ep = params.export
+    settings = params.export
     bundle = checkpoint.load(model_path)
-    p = bundle.preprocess
-    data = to_onnx(bundle, file_sha256(model_path), ep.opset)
+    data = to_onnx(bundle, file_sha256(model_path), settings.opset)
 
-    images = parity_images(params, ep.parity_samples)
-    batch = p.batch(images)
-    with torch.inference_mode():
-        expected = bundle.model(torch.from_numpy(batch)).float().numpy()
+    batch = bundle.preprocess.batch(parity_images(params, settings.parity_samples))
+    expected = model_logits(bundle.model, batch)
     tmp_model = onnx_path.with_name(f".{onnx_path.name}.parity")
     tmp_model.parent.mkdir(parents=True, exist_ok=True)
     tmp_model.write_bytes(data)
@@ -63,10 +61,10 @@ def export(params: Params, model_path: Path = Path("models/model.pt"),
     texts_onnx = [t for t, _ in decode_texts(softmax(got), bundle.charset, bundle.ctc)]
     mismatched = sum(a != b for a, b in zip(texts_torch, texts_onnx))
     result = {"samples": len(batch), "max_abs_logit_diff": diff, "text_mismatches": mismatched,
-              "atol": ep.atol, "opset": ep.opset, "bytes": len(data)}
-    if mismatched or diff > ep.atol:
+              "atol": settings.atol, "opset": settings.opset, "bytes": len(data)}
+    if mismatched or diff > settings.atol:
         raise PipelineError(f"{onnx_path}: parity check failed ({mismatched} texts differ, max logit "
-                            f"difference {diff:.2e} > export.atol {ep.atol}); nothing written")
+                            f"difference {diff:.2e} > export.atol {settings.atol}); nothing written")
     atomic_write(onnx_path, lambda f: f.write(data))
     write_json(report, result)
     print(f"exported {onnx_path}: parity on {len(batch)} test images, max logit difference {diff:.1e}",
@@ -77,12 +75,11 @@ def export(params: Params, model_path: Path = Path("models/model.pt"),
 def parity_images(params: Params, count: int) -> list[bytes]:
     """The first `count` test images of the training sources (PNG bytes)."""
     images: list[bytes] = []
-    for manifest in params.train.sources or DEFAULT_SOURCES:
-        for shard, _ in split_shards(read_manifest(Path(manifest)), "test"):
-            for sample in iter_tar(Path(shard)):
-                if len(images) >= count:
-                    return images
-                images.append(sample["png"])
+    for shard, _ in shards_of(load_sources(params.train.sources), "test"):
+        for sample in iter_tar(Path(shard)):
+            if len(images) >= count:
+                return images
+            images.append(sample["png"])
     if not images:
         raise PipelineError("export: no test images to check parity on")
     return images

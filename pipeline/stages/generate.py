@@ -19,7 +19,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.params import DataParams, PipelineError
+from pipeline.errors import PipelineError
+from pipeline.params import DataParams
 from pipeline.render import Renderer, check_fonts_cover
 from pipeline.seeds import derive_seed
 from pipeline.shards import Sample, scan_shards, shard_path, write_manifest, write_shard

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Iterable, Iterator, TextIO
 
-from pipeline.params import PipelineError
+from pipeline.errors import PipelineError
 from pipeline.preprocess import IMAGE_SUFFIXES, load_image
 from pipeline.recognizer import Recognizer
 

@@ -15,11 +15,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
-
+from pipeline.errors import PipelineError
 from pipeline.files import write_json
-from pipeline.params import DataParams, IngestParams, PipelineError
-from pipeline.preprocess import FORMATS, IMAGE_SUFFIXES
+from pipeline.params import DataParams, IngestParams
+from pipeline.preprocess import IMAGE_SUFFIXES, ImageError, decode_image
 from pipeline.shards import Sample, scan_shards, shard_path, write_manifest, write_shard
 
 
@@ -97,7 +96,7 @@ def fold(label: str, case: str) -> str:
     return {"keep": label, "upper": label.upper(), "lower": label.lower()}[case]
 
 
-def validate(candidates: list[Candidate], data: DataParams, ip: IngestParams, report: Report) -> list[Candidate]:
+def screen(candidates: list[Candidate], data: DataParams, ip: IngestParams, report: Report) -> list[Candidate]:
     """Drop (and report) bad labels, unreadable images, conflicts; keep one of each duplicate."""
     good: list[Candidate] = []
     for c in candidates:
@@ -131,24 +130,20 @@ def validate(candidates: list[Candidate], data: DataParams, ip: IngestParams, re
 
 
 def check_image(data: bytes) -> str | None:
+    """Why the bytes are not a usable image, or None."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.format not in FORMATS:
-                return f"unsupported format {im.format}"
-            im.load()
-    except Exception as e:  # noqa: BLE001 - any decoder failure means unreadable
-        return f"unreadable image ({type(e).__name__}: {e})"
+        decode_image(data)
+    except ImageError as e:
+        return str(e)
     return None
 
 
 def as_png(data: bytes) -> tuple[bytes, str]:
     """The original bytes if PNG, else the first frame re-encoded losslessly as PNG."""
-    with Image.open(io.BytesIO(data)) as im:
-        fmt = im.format
-        if fmt == "PNG":
-            return data, fmt
-        im.seek(0)
-        frame = im.copy()
+    frame = decode_image(data)
+    fmt = frame.format
+    if fmt == "PNG":
+        return data, fmt
     if frame.mode not in ("1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16"):
         frame = frame.convert("RGBA" if "A" in frame.mode else "RGB")  # CMYK, YCbCr: not in PNG
     out = io.BytesIO()
@@ -173,7 +168,7 @@ def ingest(data: DataParams, ip: IngestParams, source: Path | None = None, label
         raise PipelineError("ingest.source: no folder given (set ingest.source or pass SOURCE)")
     labels = labels or (Path(ip.labels) if ip.labels else None)
     candidates, report = collect(source, ip, labels)
-    kept = validate(candidates, data, ip, report)
+    kept = screen(candidates, data, ip, report)
     if report.invalid:
         for bad in report.invalid:
             print(f"{bad['file']}: {bad['reason']}", file=sys.stderr)

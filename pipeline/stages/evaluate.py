@@ -8,7 +8,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow.compute as pc
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
@@ -18,9 +17,9 @@ from pipeline.device import pick_device, pick_precision
 from pipeline.files import atomic_write, write_json
 from pipeline.inference import predict_batches
 from pipeline.metrics import align, compute_metrics
-from pipeline.params import Params, PipelineError
-from pipeline.shards import ShardStream, iter_tar, loader_workers, make_loader, read_manifest, split_shards
-from pipeline.train import DEFAULT_SOURCES
+from pipeline.params import Params
+from pipeline.shards import ShardStream, iter_tar, loader_workers, make_loader
+from pipeline.sources import load_sources, require_shards
 
 
 @dataclass(frozen=True)
@@ -32,29 +31,22 @@ class Paths:
 
 
 def evaluate(params: Params, paths: Paths = Paths(), progress: bool = True) -> dict:
-    ep = params.evaluate
+    settings = params.evaluate
     bundle = checkpoint.load(paths.model)
-    device = pick_device(ep.device)
-    precision = pick_precision(ep.precision, device)
+    device = pick_device(settings.device, "evaluate.device")
+    precision = pick_precision(settings.precision, device, "evaluate.precision")
     bundle.model.to(device)
 
-    sources = params.train.sources or DEFAULT_SOURCES
-    key_source, shards = {}, []
-    for manifest in sources:
-        table = read_manifest(Path(manifest))
-        shards += split_shards(table, "test")
-        name = _source_name(table, manifest)
-        test_keys = table.filter(pc.equal(table["split"], "test"))["key"].to_pylist()
-        key_source.update(dict.fromkeys(test_keys, name))
-    if not shards:
-        raise PipelineError(f"evaluate: no test samples in {', '.join(sources)}")
+    sources = load_sources(params.train.sources)
+    shards = require_shards(sources, "test", "evaluate")
+    key_source = {key: source.name for source in sources for key in source.keys("test")}
     n_total = sum(n for _, n in shards)
 
-    def transform(png, label, rng):
+    def transform(png, label, augment_rng):
         return bundle.preprocess(png), []  # no targets needed: labels are compared as text
 
-    stream = ShardStream([s for s, _ in shards], transform, ep.batch_size)
-    loader = make_loader(stream, loader_workers(len(shards), 1, ep.workers, "test"))
+    stream = ShardStream([s for s, _ in shards], transform, settings.batch_size)
+    loader = make_loader(stream, loader_workers(len(shards), 1, settings.workers, "test"))
     truths, preds, confs, keys = [], [], [], []
     started = time.perf_counter()
     with torch.inference_mode(), tqdm(total=n_total, unit="img", desc="evaluate", file=sys.stderr,
@@ -68,7 +60,7 @@ def evaluate(params: Params, paths: Paths = Paths(), progress: bool = True) -> d
             bar.update(1)
     seconds = time.perf_counter() - started
 
-    metrics = compute_metrics(truths, preds, confs, ep.thresholds)
+    metrics = compute_metrics(truths, preds, confs, settings.thresholds)
     metrics["images_per_second"] = round(len(truths) / seconds, 1)
     metrics["device"] = str(device)
     metrics["model"] = {"arch": bundle.arch, "epoch": bundle.info.get("epoch"),
@@ -81,16 +73,11 @@ def evaluate(params: Params, paths: Paths = Paths(), progress: bool = True) -> d
             metrics["per_source"][name] = {k: sub[k] for k in ("seq_accuracy", "char_accuracy", "cer", "n")}
     write_json(paths.metrics, metrics)
     write_confusion(paths.confusion, truths, preds)
-    errors = [(k, t, p, c) for k, t, p, c in zip(keys, truths, preds, confs) if t != p][: ep.error_grid]
+    errors = [(k, t, p, c) for k, t, p, c in zip(keys, truths, preds, confs) if t != p][: settings.error_grid]
     write_error_grid(paths.errors, errors, shards)
     print(f"test: seq accuracy {metrics['seq_accuracy']:.4f}, char accuracy {metrics['char_accuracy']:.4f}, "
           f"CER {metrics['cer']:.4f}, n {metrics['n']}", file=sys.stderr)
     return metrics
-
-
-def _source_name(table, manifest: str) -> str:
-    values = pc.unique(table["source"]).to_pylist() if "source" in table.column_names else []
-    return values[0] if len(values) == 1 else manifest
 
 
 def write_confusion(path: Path, truths: list[str], preds: list[str]) -> None:

@@ -3,7 +3,6 @@ model runs on micro-batches gathered from concurrent requests by one batching th
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -11,7 +10,6 @@ import queue
 import socket
 import threading
 import time
-import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +19,7 @@ from flask import Flask, g, jsonify, request
 from PIL import Image
 from werkzeug.exceptions import HTTPException
 
-from pipeline.preprocess import FORMATS
+from pipeline.preprocess import ImageError, decode_image
 from pipeline.recognizer import Recognizer
 
 log = logging.getLogger("captcha-crnn.serve")
@@ -41,28 +39,17 @@ class UploadError(Exception):
         self.status = status
 
 
+UPLOAD_STATUS = {"unreadable": 415, "format": 415, "too_large": 413, "corrupt": 400}
+
+
 def open_upload(data: bytes, limits: Limits) -> Image.Image:
     """Bytes from a client -> decoded PIL image, or UploadError with the right status."""
     if not data:
         raise UploadError(400, "empty file")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise UploadError(413, f"image too large: {e}") from None
-    except (OSError, SyntaxError, ValueError):
-        raise UploadError(415, "not an image (PNG, JPEG, GIF, BMP or WebP)") from None
-    if image.format not in FORMATS:
-        raise UploadError(415, f"unsupported image format {image.format}")
-    width, height = image.size
-    if width * height > limits.max_pixels or width <= 0 or height <= 0:
-        raise UploadError(413, f"image of {width}x{height} pixels is over the limit of {limits.max_pixels}")
-    try:
-        image.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-        raise UploadError(400, "truncated or corrupt image") from None
-    return image
+        return decode_image(data, limits.max_pixels)
+    except ImageError as e:
+        raise UploadError(UPLOAD_STATUS[e.kind], str(e).split(" (")[0] if e.kind == "corrupt" else str(e)) from None
 
 
 class MicroBatcher:

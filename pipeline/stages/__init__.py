@@ -1,0 +1,1 @@
+"""The stages: one module per command. A stage imports the core (pipeline.*) and never another stage."""

@@ -142,7 +142,8 @@ def loader_rate(shards: list[str], preprocess: Preprocess, workers: int, images:
 # -- inference -------------------------------------------------------------------------------
 
 def inference(model_path: Path, runs: int) -> dict:
-    from pipeline.recognizer import Recognizer, file_sha256
+    from pipeline.files import file_sha256
+    from pipeline.recognizer import Recognizer
 
     work = Path(tempfile.mkdtemp())  # a copy, so that models/ (a DVC output) is left alone
     model_path = Path(shutil.copy(model_path, work / "model.pt"))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,7 +59,10 @@ def read(path: Path) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise PipelineError(f"{path}: checkpoint not found; run the train stage first") from None
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means "not our checkpoint"
+    except pickle.UnpicklingError:
+        raise PipelineError(f"{path}: refused: it holds objects other than tensors and plain data, which "
+                            f"could run code when loaded; not a captcha-crnn checkpoint") from None
+    except Exception as e:  # noqa: BLE001 - any other failure means "not our checkpoint"
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise PipelineError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {reason[:200]})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or ckpt.get("arch") not in ARCHS:

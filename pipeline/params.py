@@ -8,6 +8,7 @@ model's output length against `data.max_length`, so a bad setting stops before a
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
 from dataclasses import dataclass
@@ -37,6 +38,17 @@ _Loader.add_implicit_resolver(
 )
 
 
+def _mapping_without_duplicates(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    keys = [loader.construct_object(key, deep=deep) for key, _ in node.value]
+    duplicates = sorted({str(k) for k in keys if keys.count(k) > 1})
+    if duplicates:
+        raise yaml.constructor.ConstructorError(None, None, f"duplicate key {duplicates[0]!r}", node.start_mark)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
 def parse_value(text: str):
     """One value as params.yaml reads it (`1e-4` is a float), e.g. for a `--set KEY=VALUE` option."""
     return yaml.load(text, Loader=_Loader)
@@ -47,10 +59,14 @@ def read_yaml(path: Path) -> dict:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise ParamsError(f"{path}: cannot read params file ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ParamsError(f"{path}: not UTF-8 text (byte {e.start})") from None
     try:
         data = yaml.load(text, Loader=_Loader) or {}
     except yaml.YAMLError as e:
-        raise ParamsError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        where = f", line {e.problem_mark.line + 1}" if getattr(e, "problem_mark", None) else ""
+        reason = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ParamsError(f"{path}: not valid YAML ({reason}{where})") from None
     if not isinstance(data, dict):
         raise ParamsError(f"{path}: expected a mapping of sections at the top level")
     return data
@@ -61,6 +77,7 @@ def _convert(value, hint, key: str):
     origin = typing.get_origin(hint)
     if hint is float:
         require(not isinstance(value, bool) and isinstance(value, (int, float)), key, f"expected a number, got {value!r}")
+        require(math.isfinite(value), key, f"expected a finite number, got {value!r}")
         return float(value)
     if hint is int:
         require(not isinstance(value, bool) and isinstance(value, int), key, f"expected an integer, got {value!r}")
@@ -248,6 +265,8 @@ class EvaluateParams:
 
     def check(self, prefix: str) -> None:
         _positive(self, prefix, "batch_size")
+        for name in ("workers", "error_grid"):
+            require(getattr(self, name) >= 0, f"{prefix}.{name}", f"must be >= 0, got {getattr(self, name)}")
         _one_of(self, prefix, "device", ("auto", "cpu", "cuda"))
         _one_of(self, prefix, "precision", ("auto", "fp32", "bf16", "fp16"))
         for i, t in enumerate(self.thresholds):
@@ -257,8 +276,13 @@ class EvaluateParams:
 @dataclass(frozen=True)
 class ExportParams:
     opset: int
-    parity_samples: int
-    atol: float
+    parity_samples: int  # test images on which ONNX must read what torch reads
+    atol: float  # largest logit difference allowed between the two
+
+    def check(self, prefix: str) -> None:
+        # the TorchScript exporter of torch 2.13 writes opsets 7 to 20
+        require(7 <= self.opset <= 20, f"{prefix}.opset", f"must be from 7 to 20, got {self.opset}")
+        _positive(self, prefix, "parity_samples", "atol")
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,6 @@
 """Inference for new images: load a checkpoint (or its ONNX export), preprocess, batch, decode."""
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import torch
 
 from pipeline import checkpoint
 from pipeline.errors import PipelineError
+from pipeline.files import file_sha256
 from pipeline.inference import decode_texts, model_probs, softmax
 
 
@@ -17,10 +17,6 @@ from pipeline.inference import decode_texts, model_probs, softmax
 class Prediction:
     text: str
     confidence: float
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 class Recognizer:
@@ -34,11 +30,12 @@ class Recognizer:
                  onnx_path: str | Path | None = None, threads: int | None = None):
         model_path = Path(model_path)
         self.bundle = checkpoint.load(model_path)
+        self.model_sha256 = file_sha256(model_path)
         self.preprocess = self.bundle.preprocess
         self.charset = self.bundle.charset
         onnx_path = Path(onnx_path) if onnx_path else model_path.with_suffix(".onnx")
         if onnx is None:
-            onnx = onnx_path.exists() and onnx_matches(onnx_path, model_path)
+            onnx = onnx_path.exists() and onnx_sha256(onnx_path) == self.model_sha256
         self.session = None
         if onnx:
             self.session = onnx_session(onnx_path, threads)
@@ -70,11 +67,12 @@ class Recognizer:
                 "backend": self.backend, "trained": b.info}
 
 
-def onnx_matches(onnx_path: Path, model_path: Path) -> bool:
+def onnx_sha256(onnx_path: Path) -> str | None:
+    """The sha256 of the checkpoint an ONNX file was exported from (its metadata records it)."""
     import onnx
 
     meta = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
-    return meta.get("checkpoint_sha256") == file_sha256(model_path)
+    return meta.get("checkpoint_sha256")
 
 
 def onnx_session(path: Path, threads: int | None = None):

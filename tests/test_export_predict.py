@@ -53,3 +53,33 @@ def test_evaluate_errors_name_the_evaluate_keys(tiny_copy):
     assert result.exit_code == 2
     assert result.output.strip() == "error: evaluate.precision: fp16 is for CUDA; use bf16 or fp32 on CPU"
     assert not (tiny_copy / "reports/metrics.json").exists()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: {"format": 1, "arch": "fast"}, "checkpoint lacks settings"),
+    (lambda: __import__("collections").OrderedDict(a=1), "not a captcha-crnn checkpoint"),
+])
+def test_bad_checkpoints_are_one_line(tmp_path, make, message):
+    import torch
+
+    path = tmp_path / "bad.pt"
+    torch.save(make(), path)
+    result = CliRunner().invoke(cli, ["predict", "--model", str(path), str(path)])
+    assert result.exit_code == 2 and message in result.output and len(result.output.strip().splitlines()) == 1
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("this ran while loading",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_in_one_line(tmp_path):
+    import torch
+
+    path = tmp_path / "evil.pt"
+    torch.save({"format": 1, "payload": Payload()}, path)
+    result = CliRunner().invoke(cli, ["predict", "--model", str(path), str(path)])
+    assert result.exit_code == 2 and "this ran" not in result.output
+    assert result.output.strip().splitlines() == [
+        f"error: {path}: refused: it holds objects other than tensors and plain data, which could run code "
+        f"when loaded; not a captcha-crnn checkpoint"]

@@ -115,6 +115,12 @@ def test_labels_honour_charset_and_lengths_and_are_uniform():
     ({"model": {"crnn": {"height": 64}}}, "model.crnn.height"),
     ({"model": {"arch": "vgg"}}, "model.arch"),
     ({"train": {"sources": {"data/manifest.parquet": 0}}}, "train.sources.data/manifest.parquet"),
+    ({"train": {"lr": float("nan")}}, "train.lr"),
+    ({"train": {"lr": float("inf")}}, "train.lr"),
+    ({"evaluate": {"workers": -1}}, "evaluate.workers"),
+    ({"export": {"parity_samples": 0}}, "export.parity_samples"),
+    ({"export": {"atol": float("nan")}}, "export.atol"),
+    ({"export": {"opset": 99}}, "export.opset"),
 ])
 def test_bad_params_exit_2_naming_the_key(tmp_path, monkeypatch, override, key):
     monkeypatch.chdir(tmp_path)
@@ -140,6 +146,18 @@ def test_a_missing_key_is_an_error_not_a_default(tmp_path, monkeypatch, section,
     assert result.output.strip() == f"error: {section}.{key}: missing" + (
         ": the settings of the chosen arch" if section == "model" else
         " (params.yaml gives every key; see the repository's)")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"data:\n  seed: 1\n  seed: 2\n", "not valid YAML (duplicate key 'seed'"),
+    (b"data:\n  charset: \"\xff\"\n", "not UTF-8 text"),
+])
+def test_a_bad_params_file_is_one_line_naming_it(tmp_path, monkeypatch, content, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_bytes(content)
+    result = CliRunner().invoke(cli, ["generate", "--quiet"])
+    assert result.exit_code == 2 and result.output.startswith(f"error: params.yaml: {message}"), result.output
+    assert len(result.output.strip().splitlines()) == 1
 
 
 def test_interrupted_shard_leaves_nothing_that_looks_finished(tmp_path):

@@ -150,3 +150,31 @@ def test_images_of_any_mode_and_size(recognizer):
     assert all(0.0 <= p.confidence <= 1.0 for p in preds)
     # the same pixels in another container read the same
     assert preds[0].text == preds[6].text and preds[2].text == preds[7].text == preds[8].text
+
+
+def test_odd_beams_and_raw_bodies_of_any_content_type(client, recognizer):
+    image = png_bytes("AB12", 1)
+    assert client.post("/predict?beam=\u00b2", data=image, content_type="image/png").status_code == 400
+    assert client.post("/predict?beam=%EF%BC%93", data=image, content_type="image/png").status_code == 400
+    expected = recognizer.predict([image])[0].text
+    for content_type in ("application/x-www-form-urlencoded", "application/octet-stream", None):
+        r = client.post("/predict", data=image, content_type=content_type)
+        assert r.status_code == 200 and r.json["text"] == expected, content_type
+
+
+def test_nothing_but_the_api_is_served(client, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "static").mkdir()
+    (tmp_path / "static" / "secret.txt").write_text("secret")
+    (tmp_path / "params.yaml").write_text("secret")
+    for path in ("/static/secret.txt", "/static/../params.yaml", "/params.yaml"):
+        assert client.get(path).status_code == 404
+
+
+def test_model_reports_only_its_own_metrics(recognizer, tmp_path):
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps({"seq_accuracy": 0.5, "n": 10, "model_sha256": "another model"}))
+    app = create_app(recognizer, metrics_path=metrics)
+    assert "test_metrics" not in app.test_client().get("/model").json
+    metrics.write_text(json.dumps({"seq_accuracy": 0.5, "n": 10, "model_sha256": recognizer.model_sha256}))
+    assert app.test_client().get("/model").json["test_metrics"]["seq_accuracy"] == 0.5

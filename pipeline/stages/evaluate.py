@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from pipeline import checkpoint
 from pipeline.device import pick_device, pick_precision
-from pipeline.files import atomic_write, write_json
+from pipeline.files import atomic_write, file_sha256, write_json
 from pipeline.inference import predict_batches
 from pipeline.metrics import align, compute_metrics
 from pipeline.params import Params
@@ -63,6 +63,7 @@ def evaluate(params: Params, paths: Paths = Paths(), progress: bool = True) -> d
     metrics = compute_metrics(truths, preds, confs, settings.thresholds)
     metrics["images_per_second"] = round(len(truths) / seconds, 1)
     metrics["device"] = str(device)
+    metrics["model_sha256"] = file_sha256(paths.model)  # serve shows these metrics only for this model
     metrics["model"] = {"arch": bundle.arch, "epoch": bundle.info.get("epoch"),
                         "val_seq_accuracy": bundle.info.get("val_seq_accuracy")}
     if len(set(key_source.values())) > 1:

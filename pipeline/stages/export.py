@@ -11,11 +11,11 @@ import onnx
 import torch
 
 from pipeline import checkpoint
-from pipeline.files import atomic_write, write_json
+from pipeline.files import atomic_write, file_sha256, write_json
 from pipeline.errors import PipelineError
 from pipeline.inference import decode_texts, model_logits, softmax
 from pipeline.params import Params
-from pipeline.recognizer import file_sha256, onnx_session
+from pipeline.recognizer import onnx_session
 from pipeline.shards import iter_tar
 from pipeline.sources import load_sources, shards_of
 

@@ -88,9 +88,18 @@ class MicroBatcher:
                         future.set_exception(e)
 
 
+def read_metrics(path: Path, model_sha256: str) -> dict | None:
+    """The evaluate stage's metrics, if they are this very model's (evaluate records its sha256)."""
+    try:
+        metrics = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return metrics if isinstance(metrics, dict) and metrics.get("model_sha256") == model_sha256 else None
+
+
 def create_app(recognizer: Recognizer, limits: Limits = Limits(), metrics_path: Path | None = None,
                batcher: MicroBatcher | None = None) -> Flask:
-    app = Flask("captcha-crnn")
+    app = Flask("captcha-crnn", static_folder=None)  # nothing from the disk but the model's answers
     app.config["MAX_CONTENT_LENGTH"] = limits.max_bytes
     batcher = batcher or MicroBatcher(recognizer)
 
@@ -124,26 +133,25 @@ def create_app(recognizer: Recognizer, limits: Limits = Limits(), metrics_path: 
     @app.get("/model")
     def model_info():
         info = recognizer.describe()
-        if metrics_path and Path(metrics_path).exists():
-            metrics = json.loads(Path(metrics_path).read_text())
+        metrics = read_metrics(metrics_path, recognizer.model_sha256) if metrics_path else None
+        if metrics:
             info["test_metrics"] = {k: metrics.get(k) for k in ("seq_accuracy", "char_accuracy", "cer", "n")}
         return info
 
     @app.post("/predict")
     def predict():
         beam = request.args.get("beam", "1")
-        if not beam.isdigit() or not 1 <= int(beam) <= limits.max_beam:
+        if not (beam.isascii() and beam.isdigit()) or not 1 <= int(beam) <= limits.max_beam:
             raise UploadError(400, f"beam must be an integer from 1 to {limits.max_beam}")
-        files = request.files.getlist("file")
-        if request.files and not files:
+        multipart = (request.content_type or "").startswith("multipart/")
+        files = request.files.getlist("file") if multipart else []
+        if multipart and not files:
             raise UploadError(400, "no multipart field named 'file'")
         if files:
             if len(files) > limits.max_files:
                 raise UploadError(413, f"{len(files)} files in one request; at most {limits.max_files}")
             blobs = [f.read() for f in files]
-        else:
-            if request.content_type and request.content_type.startswith("multipart/"):
-                raise UploadError(400, "no multipart field named 'file'")
+        else:  # the body is the image, whatever its content type (curl --data-binary sends a form type)
             blobs = [request.get_data(cache=False)]
             if not blobs[0]:
                 raise UploadError(400, "empty body: send an image as multipart field 'file' or as the body")

@@ -123,6 +123,23 @@ def serve(model_path, onnx, host, port, workers, threads):
     run(model_path, host, port, workers=workers, threads=threads, onnx=onnx)
 
 
+@cli.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@model_option
+@click.option("--labels", type=click.Path(path_type=Path), default=None,
+              help="the labels CSV to append to [default: FOLDER/labels.csv]; ingest reads it as ingest.labels")
+@click.option("--accept-above", type=click.FloatRange(0, 1), default=None,
+              help="write readings of at least this confidence as labels without asking (status auto)")
+@click.option("--user", default=None, help="who is labelling (the CSV's who column) [default: login name]")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8001, show_default=True, type=int)
+def label(folder, model_path, labels, accept_above, user, host, port):
+    """Label FOLDER's captchas in a web page, the model's reading pre-filled, least confident first."""
+    from pipeline.stages.label import label as run
+
+    run(folder, model_path, labels, host, port, accept_above, who=user)
+
+
 def main():
     cli(prog_name="python -m pipeline")
 

@@ -74,3 +74,32 @@ def test_repro_then_experiment(repo):
                 metrics = data.get("metrics", {}).get("reports/metrics.json", {}).get("data", {})
                 found.append((lr, "seq_accuracy" in metrics))
     assert (0.0005, True) in found, found
+
+
+def test_label_ingest_and_fine_tune_loop(repo):
+    """README's loop on a folder of unlabelled captchas: label -> ingest -> fine-tune, through DVC."""
+    from pipeline.render import Renderer
+    from pipeline.stages.label import open_session
+
+    dest, env = repo
+    site = dest / "site"
+    site.mkdir()
+    renderer = Renderer(128, 64)
+    truth = {}
+    for i in range(40):
+        truth[f"shot{i:03d}.png"] = "".join("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"[(7 * i + 5 * j) % 36] for j in range(4))
+        renderer.image(truth[f"shot{i:03d}.png"], 5000 + i).save(site / f"shot{i:03d}.png")
+    session = open_session(site, dest / "models/model.pt", None, who="test")
+    for item in session.items[:-1]:  # a person answers all but one
+        session.answer(item.path, truth[item.path], "labelled")
+    shutil.copy(dest / "models/model.pt", dest / "pretrained.pt")
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    params["train"]["sources"] = {"data/manifest.parquet": 1, "data/ingest/manifest.parquet": 4}
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    log = dvc(repo, "exp", "run", "-S", "ingest.source=site", "-S", "ingest.labels=site/labels.csv",
+              "-S", "train.init_from=pretrained.pt")
+    assert "Running stage 'ingest'" in log and "Running stage 'train'" in log
+    report = json.loads((dest / "reports/ingest.json").read_text())
+    assert report["kept"] == 39 and len(report["unlabelled"]) == 1 and not report["invalid"]
+    metrics = json.loads((dest / "reports/metrics.json").read_text())
+    assert set(metrics["per_source"]) == {"synthetic", "ingest"}

@@ -27,10 +27,13 @@ class Report:
     invalid: list[dict] = field(default_factory=list)  # {"file", "reason"}
     duplicates: list[dict] = field(default_factory=list)  # {"file", "same_as"}
     ignored: list[str] = field(default_factory=list)  # files that are not images by extension
+    unlabelled: list[str] = field(default_factory=list)  # images the labels file does not list (yet)
+    unreadable: list[str] = field(default_factory=list)  # images the labels file marks unreadable
     per_split: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"invalid": self.invalid, "duplicates": self.duplicates, "ignored": self.ignored,
+                "unlabelled": self.unlabelled, "unreadable": self.unreadable,
                 "per_split": self.per_split, "kept": sum(self.per_split.values())}
 
 
@@ -42,21 +45,43 @@ class Candidate:
     digest: str  # sha256 of the original bytes
 
 
-def read_labels_file(path: Path) -> dict[str, str]:
-    """CSV or TSV of path,label (a header row `path,label` is optional)."""
+def read_labels_file(path: Path) -> tuple[dict[str, str], set[str]]:
+    """CSV or TSV of path,label (a header row `path,label` is optional): ({path: label}, paths left out).
+
+    The `label` command's CSV has more columns (status, who, when, the model's reading): rows whose
+    status is `unreadable` are left out, a later row for a path replaces an earlier one, and a row
+    with fewer columns than the header (torn by a killed server) is ignored.
+    """
     try:
         text = path.read_text(encoding="utf-8-sig")
     except OSError as e:
         raise PipelineError(f"{path}: cannot read labels file ({e.strerror})") from None
     dialect = "excel-tab" if path.suffix.lower() == ".tsv" or "\t" in text.split("\n", 1)[0] else "excel"
-    labels = {}
-    for i, row in enumerate(csv.reader(io.StringIO(text), dialect)):
-        if not row or (i == 0 and [c.strip().lower() for c in row[:2]] == ["path", "label"]):
+    rows = list(csv.reader(io.StringIO(text), dialect))
+    header = [c.strip().lower() for c in rows[0]] if rows else []
+    columns = {"path": 0, "label": 1}
+    if header[:2] == ["path", "label"] or {"path", "label"} <= set(header):
+        columns = {name: header.index(name) for name in ("path", "label", "status") if name in header}
+        rows = rows[1:]
+        start = 2
+    else:
+        start = 1
+    labels, left_out = {}, set()
+    for i, row in enumerate(rows, start):
+        if not row:
             continue
         if len(row) < 2:
-            raise PipelineError(f"{path}:{i + 1}: expected path and label columns")
-        labels[row[0].strip().replace("\\", "/")] = row[1].strip()
-    return labels
+            raise PipelineError(f"{path}:{i}: expected path and label columns")
+        if len(header) > 2 and len(row) < len(header):
+            continue  # torn
+        name = row[columns["path"]].strip().replace("\\", "/")
+        if "status" in columns and row[columns["status"]].strip() == "unreadable":
+            labels.pop(name, None)
+            left_out.add(name)
+            continue
+        labels[name] = row[columns["label"]].strip()
+        left_out.discard(name)
+    return labels, left_out
 
 
 def collect(source: Path, ip: IngestParams, labels_file: Path | None) -> tuple[list[Candidate], Report]:
@@ -64,7 +89,7 @@ def collect(source: Path, ip: IngestParams, labels_file: Path | None) -> tuple[l
         raise PipelineError(f"{source}: ingest source folder not found (ingest.source)")
     report = Report()
     files = sorted(p for p in source.rglob("*") if p.is_file() and not p.name.startswith("."))
-    table = read_labels_file(labels_file) if labels_file else None
+    table, left_out = read_labels_file(labels_file) if labels_file else (None, set())
     pattern = re.compile(ip.pattern)
     candidates = []
     for path in files:
@@ -75,8 +100,8 @@ def collect(source: Path, ip: IngestParams, labels_file: Path | None) -> tuple[l
             continue
         if table is not None:
             label = table.get(rel)
-            if label is None:
-                report.invalid.append({"file": rel, "reason": "no label in the labels file"})
+            if label is None:  # not labelled yet, or marked unreadable: left out, not an error
+                (report.unreadable if rel in left_out else report.unlabelled).append(rel)
                 continue
         else:
             match = pattern.search(path.name)
@@ -195,7 +220,8 @@ def ingest(data: DataParams, ip: IngestParams, source: Path | None = None, label
     report.per_split = {k: len(v) for k, v in splits.items()}
     write_json(report_path, report.to_dict())
     print(f"ingested {len(kept)} images from {source}: " + ", ".join(f"{k} {v}" for k, v in report.per_split.items())
-          + f"; {len(report.duplicates)} duplicates, {len(report.invalid)} invalid skipped", file=sys.stderr)
+          + f"; {len(report.duplicates)} duplicates, {len(report.invalid)} invalid skipped"
+          + (f", {len(report.unlabelled)} not labelled yet" if report.unlabelled else ""), file=sys.stderr)
     return report.to_dict()
 
 

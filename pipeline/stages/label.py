@@ -1,0 +1,249 @@
+"""`label`: a local web page for labelling a folder of captchas, the model's reading pre-filled.
+
+The folder's images are read once by the model and shown least-confident first, so human time
+goes where the model is unsure. Every answer is appended to a CSV at once (flushed and fsynced:
+killing the server loses at most the answer being typed) that `ingest` reads as `ingest.labels`:
+
+    path,label,status,who,when,model_text,model_confidence
+
+`status` is `labelled` (a person typed or accepted it), `auto` (the model's reading, written
+without a person because its confidence was at least --accept-above) or `unreadable`. A later
+row for the same path replaces an earlier one. Reopening the page continues where it stopped;
+two tabs on one folder never answer the same image twice (the second gets 409 and moves on).
+"""
+from __future__ import annotations
+
+import csv
+import getpass
+import io
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from flask import Flask, abort, jsonify, request, send_file
+
+from pipeline.errors import PipelineError
+from pipeline.preprocess import IMAGE_SUFFIXES, ImageError, decode_image
+from pipeline.recognizer import Recognizer
+
+COLUMNS = ["path", "label", "status", "who", "when", "model_text", "model_confidence"]
+STATUSES = ("labelled", "auto", "unreadable")
+PAGE = Path(__file__).with_name("label.html")
+
+
+@dataclass
+class Item:
+    path: str  # relative to the folder, '/'-separated
+    text: str  # the model's reading
+    confidence: float
+
+
+@dataclass
+class Answer:
+    label: str
+    status: str
+    who: str
+
+
+def read_answers(csv_path: Path) -> dict[str, Answer]:
+    """Answers so far, the last row per path winning; a torn last line (a killed server) is ignored."""
+    if not csv_path.exists():
+        return {}
+    answers = {}
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            if None in row or any(row.get(c) is None for c in COLUMNS) or row["status"] not in STATUSES:
+                continue
+            answers[row["path"]] = Answer(row["label"], row["status"], row["who"])
+    return answers
+
+
+class AnswerLog:
+    """The labels CSV, append-only: one row per answer, on disk before the page hears back."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._lock = threading.Lock()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists() or path.stat().st_size == 0:
+            self._append_text(",".join(COLUMNS) + "\n")
+        elif not path.read_bytes().endswith(b"\n"):  # a row torn by a kill: end it, so the next one stands alone
+            self._append_text("\n")
+
+    def _append_text(self, text: str) -> None:
+        with open(self.path, "a", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def append(self, item: Item, answer: Answer) -> None:
+        out = io.StringIO()
+        csv.writer(out, lineterminator="\n").writerow([
+            item.path, answer.label, answer.status, answer.who, time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            item.text, f"{item.confidence:.6f}"])
+        with self._lock:
+            self._append_text(out.getvalue())
+
+
+def list_images(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+
+
+def read_folder(folder: Path, recognizer: Recognizer, batch_size: int = 64) -> tuple[list[Item], list[dict]]:
+    """The model's reading of every image, least confident first; and the files that cannot be read."""
+    items, bad = [], []
+    names = list_images(folder)
+    for start in range(0, len(names), batch_size):
+        batch, images = [], []
+        for name in names[start:start + batch_size]:
+            try:
+                images.append(decode_image((folder / name).read_bytes()))
+                batch.append(name)
+            except (ImageError, OSError) as e:
+                bad.append({"path": name, "reason": str(e)})
+        for name, pred in zip(batch, recognizer.predict(images)):
+            items.append(Item(name, pred.text, pred.confidence))
+    items.sort(key=lambda it: (it.confidence, it.path))
+    return items, bad
+
+
+class Session:
+    """The folder's images, the answers so far, and the rules for a new answer."""
+
+    def __init__(self, folder: Path, items: list[Item], bad: list[dict], log: AnswerLog, charset: str,
+                 who: str):
+        self.folder, self.items, self.bad, self.log = folder, items, bad, log
+        self.charset, self.who = charset, who
+        self.by_path = {it.path: it for it in items}
+        self.answers = read_answers(log.path)
+        self._lock = threading.Lock()
+        # a charset without lower-case letters reads typed lower case as upper case
+        self.fold_upper = not any(c.islower() for c in charset) and any(c.isupper() for c in charset)
+
+    def accept_above(self, threshold: float) -> int:
+        """Write the model's reading as the label of every unanswered image read with at least `threshold`."""
+        count = 0
+        for item in self.items:
+            if item.path not in self.answers and item.confidence >= threshold and item.text:
+                self._record(item, Answer(item.text, "auto", "model"))
+                count += 1
+        return count
+
+    def check_label(self, label: str) -> str:
+        """The label as stored, or PipelineError saying why it is refused."""
+        label = label.strip()
+        if self.fold_upper:
+            label = label.upper()
+        if not label:
+            raise PipelineError("empty label: type the characters, or mark the image unreadable")
+        unknown = "".join(dict.fromkeys(c for c in label if c not in self.charset))
+        if unknown:
+            raise PipelineError(f"characters not in the charset: {unknown!r} (charset: {self.charset})")
+        return label
+
+    def answer(self, path: str, label: str, status: str, overwrite: bool = False) -> Answer:
+        item = self.by_path.get(path)
+        if item is None:
+            raise KeyError(path)
+        if status not in ("labelled", "unreadable"):
+            raise PipelineError(f"status must be labelled or unreadable, got {status!r}")
+        label = self.check_label(label) if status == "labelled" else ""
+        with self._lock:
+            if path in self.answers and not overwrite:
+                raise FileExistsError(path)
+            return self._record(item, Answer(label, status, self.who))
+
+    def _record(self, item: Item, answer: Answer) -> Answer:
+        self.log.append(item, answer)  # on disk first
+        self.answers[item.path] = answer
+        return answer
+
+    def progress(self) -> dict:
+        human = [(self.by_path[p], a) for p, a in self.answers.items() if a.status == "labelled" and p in self.by_path]
+        agree = sum(item.text == a.label for item, a in human)
+        return {"total": len(self.items), "answered": len(self.answers), "auto": sum(a.status == "auto" for a in self.answers.values()),
+                "remaining": sum(it.path not in self.answers for it in self.items), "unreadable_files": len(self.bad),
+                "human": len(human), "agreement": agree / len(human) if human else None}
+
+    def queue(self, limit: int, exclude: set[str]) -> list[dict]:
+        out = []
+        for index, item in enumerate(self.items):
+            if item.path in self.answers or item.path in exclude:
+                continue
+            out.append({"index": index, "path": item.path, "text": item.text, "confidence": round(item.confidence, 4)})
+            if len(out) >= limit:
+                break
+        return out
+
+
+def create_app(session: Session) -> Flask:
+    app = Flask("captcha-crnn-label")
+
+    def error(status: int, message: str, **extra):
+        response = jsonify({"error": message, **extra})
+        response.status_code = status
+        return response
+
+    @app.get("/")
+    def page():
+        return send_file(PAGE, mimetype="text/html")
+
+    @app.get("/api/state")
+    def state():
+        exclude = set(request.args.getlist("skip"))
+        return {"progress": session.progress(), "queue": session.queue(20, exclude), "bad": session.bad,
+                "charset": session.charset, "fold_upper": session.fold_upper}
+
+    @app.get("/image/<int:index>")
+    def image(index: int):
+        if not 0 <= index < len(session.items):
+            abort(404)
+        return send_file(session.folder / session.items[index].path, max_age=3600)
+
+    @app.post("/api/answer")
+    def answer():
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict) or not isinstance(body.get("path"), str):
+            return error(400, "expected JSON {path, label, status}")
+        try:
+            saved = session.answer(body["path"], str(body.get("label", "")), str(body.get("status", "labelled")),
+                                   overwrite=bool(body.get("overwrite")))
+        except KeyError:
+            return error(404, f"not an image of this folder: {body['path']}")
+        except FileExistsError:
+            previous = session.answers[body["path"]]
+            return error(409, "already answered (another tab?)", label=previous.label, status=previous.status)
+        except PipelineError as e:
+            return error(400, str(e))
+        return {"saved": {"path": body["path"], "label": saved.label, "status": saved.status},
+                "progress": session.progress()}
+
+    return app
+
+
+def open_session(folder: Path, model: Path, labels: Path | None, who: str | None = None,
+                 charset: str | None = None) -> Session:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise PipelineError(f"{folder}: folder not found")
+    recognizer = Recognizer(model)
+    items, bad = read_folder(folder, recognizer)
+    log = AnswerLog(Path(labels) if labels else folder / "labels.csv")
+    return Session(folder, items, bad, log, charset or recognizer.charset.chars, who or getpass.getuser())
+
+
+def label(folder: Path, model: Path, labels: Path | None, host: str, port: int, accept_above: float | None,
+          who: str | None = None) -> None:
+    import waitress
+
+    session = open_session(folder, model, labels, who)
+    if accept_above is not None:
+        count = session.accept_above(accept_above)
+        print(f"accepted {count} readings with confidence >= {accept_above} as labels", flush=True)
+    p = session.progress()
+    print(f"{p['total']} images ({p['remaining']} to label, {len(session.bad)} unreadable files); "
+          f"answers in {session.log.path}; open http://{host}:{port}/", flush=True)
+    waitress.serve(create_app(session), host=host, port=port, threads=4, ident="captcha-crnn-label", _quiet=True)

@@ -1,0 +1,219 @@
+"""The labelling page: its app with Flask's test client, a killed server, and a real headless browser."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from benchmarks.labelling import find_browser, headless_chromium
+from pipeline.render import Renderer
+from pipeline.stages.ingest import read_labels_file
+from pipeline.stages.label import COLUMNS, create_app, open_session, read_answers
+from tests.conftest import REPO
+
+LABELS = ["AB12", "CD34", "EF56", "GH78", "JK90", "LM12", "NP34", "QR56"]
+
+
+@pytest.fixture
+def folder(tmp_path):
+    renderer = Renderer(128, 64)
+    folder = tmp_path / "site"
+    folder.mkdir()
+    for i, label in enumerate(LABELS):
+        renderer.image(label, 100 + i).save(folder / f"img{i}.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    return folder
+
+
+@pytest.fixture
+def model(tiny_dataset):
+    return tiny_dataset / "models/model.pt"
+
+
+def with_readings(session):
+    """Give the tiny test model's readings known values: the truth, except for img1 (a misreading)."""
+    for item in session.items:
+        i = int(item.path[3:-4])
+        item.text = LABELS[i] if i != 1 else "XXXX"
+    return session
+
+
+def rows(csv_path: Path) -> list[dict]:
+    with open(csv_path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def post(client, path, label="", status="labelled"):
+    return client.post("/api/answer", json={"path": path, "label": label, "status": status})
+
+
+def test_answers_are_saved_at_once_and_the_page_resumes(folder, model):
+    session = open_session(folder, model, None, who="ann")
+    client = create_app(session).test_client()
+    state = client.get("/api/state").json
+    assert state["progress"]["total"] == len(LABELS) and [b["path"] for b in state["bad"]] == ["broken.png"]
+    confidences = [q["confidence"] for q in state["queue"]]
+    assert confidences == sorted(confidences)  # least confident first
+    first, second = state["queue"][0], state["queue"][1]
+    assert post(client, first["path"], "AB12").status_code == 200
+    r = post(client, second["path"], "zz12")  # lower case typed: the charset has upper case only
+    assert r.status_code == 200 and r.json["saved"]["label"] == "ZZ12"
+    saved = rows(folder / "labels.csv")
+    assert [r["path"] for r in saved] == [first["path"], second["path"]]
+    assert saved[1]["model_text"] == second["text"] and saved[1]["who"] == "ann" and saved[1]["status"] == "labelled"
+    assert client.get(f"/image/{first['index']}").data == (folder / first["path"]).read_bytes()
+    assert client.get("/image/999").status_code == 404
+
+    again = create_app(open_session(folder, model, None, who="ann")).test_client().get("/api/state").json
+    assert again["progress"]["answered"] == 2 and again["progress"]["remaining"] == len(LABELS) - 2
+    assert {q["path"] for q in again["queue"]}.isdisjoint({first["path"], second["path"]})
+    assert again["progress"]["human"] == 2
+    assert again["progress"]["agreement"] == (("AB12" == first["text"]) + ("ZZ12" == second["text"])) / 2
+
+
+@pytest.mark.parametrize("label, reason", [("AB#1", "not in the charset: '#'"), ("  ", "empty label")])
+def test_labels_outside_the_charset_are_refused_with_the_reason(folder, model, label, reason):
+    session = open_session(folder, model, None)
+    client = create_app(session).test_client()
+    r = post(client, "img0.png", label)
+    assert r.status_code == 400 and reason in r.json["error"]
+    assert rows(folder / "labels.csv") == []
+    assert post(client, "img0.png", "", status="unreadable").status_code == 200
+    assert post(client, "../params.yaml", "AB12").status_code == 404
+
+
+def test_accept_above_writes_confident_readings_marked_auto(folder, model):
+    session = with_readings(open_session(folder, model, None))
+    for k, item in enumerate(session.items):
+        item.confidence = k / 10
+    count = session.accept_above(0.5)
+    expected = {it.path: it.text for it in session.items if it.confidence >= 0.5}
+    assert count == len(expected) == 3
+    saved = rows(folder / "labels.csv")
+    assert {r["path"]: r["label"] for r in saved} == expected
+    assert {r["status"] for r in saved} == {"auto"} and {r["who"] for r in saved} == {"model"}
+    assert open_session(folder, model, None).accept_above(threshold) == 0  # not twice
+
+
+def test_concurrent_answers_are_neither_lost_nor_duplicated(folder, model):
+    session = open_session(folder, model, None)
+    client = create_app(session).test_client()
+    statuses, barrier = [], threading.Barrier(12)
+
+    def answer(path, label):
+        barrier.wait()
+        statuses.append((path, post(client, path, label).status_code))
+
+    jobs = [("img0.png", "AB12")] * 4 + [(f"img{i}.png", LABELS[i]) for i in range(1, 8) if i != 3] + [("img3.png", "GH78")] * 2
+    threads = [threading.Thread(target=answer, args=job) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(s for p, s in statuses if p == "img0.png") == [200, 409, 409, 409]
+    saved = rows(folder / "labels.csv")
+    assert sorted(r["path"] for r in saved) == [f"img{i}.png" for i in range(8)]  # one row each
+    assert all(len(r) == len(COLUMNS) and None not in r.values() for r in saved)
+
+
+def test_a_torn_last_row_is_ignored_and_ingest_reads_the_csv(folder, model):
+    session = open_session(folder, model, None)
+    client = create_app(session).test_client()
+    assert post(client, "img0.png", "AB12").status_code == 200
+    assert post(client, "img1.png", "", status="unreadable").status_code == 200
+    with open(folder / "labels.csv", "a") as f:
+        f.write("img2.png,EF5")  # a row cut short by a kill
+    assert set(read_answers(folder / "labels.csv")) == {"img0.png", "img1.png"}
+    client = create_app(open_session(folder, model, None)).test_client()
+    assert post(client, "img2.png", "EF56").status_code == 200
+    labels, left_out = read_labels_file(folder / "labels.csv")
+    assert labels == {"img0.png": "AB12", "img2.png": "EF56"} and left_out == {"img1.png"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(url: str, seconds: float = 60) -> None:
+    deadline = time.time() + seconds
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return
+        except OSError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def test_killing_the_server_loses_no_saved_answer(folder, model):
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    server = subprocess.Popen([sys.executable, "-m", "pipeline", "label", str(folder), "--model", str(model),
+                               "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(f"{url}/api/state")
+        for i in range(5):
+            body = json.dumps({"path": f"img{i}.png", "label": LABELS[i], "status": "labelled"}).encode()
+            request = urllib.request.Request(f"{url}/api/answer", data=body, headers={"Content-Type": "application/json"})
+            assert urllib.request.urlopen(request, timeout=10).status == 200
+        server.send_signal(signal.SIGKILL)
+        server.wait(10)
+    finally:
+        server.kill()
+    assert {p: a.label for p, a in read_answers(folder / "labels.csv").items()} == dict(
+        (f"img{i}.png", LABELS[i]) for i in range(5))
+
+
+@pytest.mark.skipif(not all(find_browser()), reason="no chromium + chromedriver (Debian: apt-get install chromium chromium-driver)")
+def test_in_a_browser_accept_one_reading_correct_another_reload(folder, model):
+    pytest.importorskip("selenium")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+    from werkzeug.serving import make_server
+
+    session = with_readings(open_session(folder, model, None, who="browser"))
+    server = make_server("127.0.0.1", 0, create_app(session), threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/"
+    driver = headless_chromium()
+    try:
+        driver.get(url)
+        box = driver.find_element(By.ID, "text")
+        wait = WebDriverWait(driver, 20)
+
+        def current() -> tuple[str, str]:
+            wait.until(lambda d: box.get_attribute("data-path"))
+            return box.get_attribute("data-path"), box.get_attribute("value")
+
+        first, reading = current()
+        box.send_keys(Keys.ENTER)  # accept the model's reading: one keystroke
+        wait.until(lambda d: box.get_attribute("data-path") != first)
+        second, _ = current()
+        box.send_keys("xy99" + Keys.ENTER)  # the reading is selected: typing replaces it
+        wait.until(lambda d: box.get_attribute("data-path") != second)
+        driver.refresh()
+        box = driver.find_element(By.ID, "text")
+        wait.until(lambda d: "2 of" in d.find_element(By.ID, "stats").text)
+        third, _ = current()
+        assert third not in (first, second)
+    finally:
+        driver.quit()
+        server.shutdown()
+    answers = read_answers(folder / "labels.csv")
+    assert {p: (a.label, a.status, a.who) for p, a in answers.items()} == {
+        first: (reading, "labelled", "browser"), second: ("XY99", "labelled", "browser")}

@@ -102,7 +102,8 @@ def test_accept_above_writes_confident_readings_marked_auto(folder, model):
     saved = rows(folder / "labels.csv")
     assert {r["path"]: r["label"] for r in saved} == expected
     assert {r["status"] for r in saved} == {"auto"} and {r["who"] for r in saved} == {"model"}
-    assert open_session(folder, model, None).accept_above(threshold) == 0  # not twice
+    assert session.accept_above(0.5) == 0  # not twice
+    assert set(open_session(folder, model, None).answers) == set(expected)  # and still there after a restart
 
 
 def test_concurrent_answers_are_neither_lost_nor_duplicated(folder, model):

@@ -182,9 +182,9 @@ class Session:
 def create_app(session: Session) -> Flask:
     app = Flask("captcha-crnn-label")
 
-    def error(status: int, message: str, **extra):
+    def error(code: int, message: str, **extra):
         response = jsonify({"error": message, **extra})
-        response.status_code = status
+        response.status_code = code
         return response
 
     @app.get("/")

@@ -164,3 +164,13 @@ def test_torchrun_two_cpu_processes(tiny_dataset, tmp_path):
 
     summary = json.loads((work / "reports/train.json").read_text())
     assert summary["ranks"] == 2 and summary["images_seen"] == 240
+
+
+def test_the_budget_projection_ignores_the_loader_start_up():
+    from pipeline.stages.train import overruns
+
+    # 30 s until the first step is done (workers starting), then 0.1 s a step: 130 s for 1,001 steps
+    state = {"step": 11, "first_step_s": 30.0}
+    assert not overruns(state, 31.0, budget=200, total_steps=1001)  # time alone (31/200) is ahead of steps (11/1001)
+    assert overruns(state, 31.0, budget=120, total_steps=1001)
+    assert not overruns({"step": 1, "first_step_s": 30.0}, 30.0, budget=1, total_steps=1001)  # no pace yet

@@ -141,7 +141,8 @@ class Run:
     n_train: int
     total_steps: int
     state: dict = field(default_factory=lambda: {"epoch": 0, "step": 0, "best": -1.0, "best_epoch": 0, "history": [],
-                                                 "images": 0, "seconds": 0.0, "time_driven": False})
+                                                 "images": 0, "seconds": 0.0, "time_driven": False,
+                                                 "first_step_s": 0.0})
 
 
 def build(params: Params) -> nn.Module:
@@ -200,7 +201,7 @@ def set_up(params: Params, ranks: Ranks, paths: Paths) -> Run:
     run = Run(params, ranks, device, precision, charset, model, net, optimizer, scaler, train_stream,
               train_loader, val_loader, workers, n_train, total_steps)
     if state is not None:
-        run.state = {"time_driven": False, **state}
+        run.state = {"time_driven": False, "first_step_s": 0.0, **state}
     return run
 
 
@@ -223,10 +224,9 @@ def run_epoch(run: Run, epoch: int, progress: bool) -> dict:
 
     A time budget (train.max_minutes) can also drive the schedule, so that a run cut short by the
     budget still ends annealed: once the run is projected to overrun its budget, the learning rate
-    follows whichever is further along, steps or time. The projection is made at fixed steps (every
-    tenth of an epoch, and at the epoch's end), so a run that clearly fits its budget is step-driven
-    from its first step to its last, hence deterministic (the loader's start-up would otherwise put
-    time ahead of steps in the first batches).
+    follows whichever is further along, steps or time. The projection (`overruns`) is made at
+    fixed steps, from the pace since the first step, so the loader's start-up does not count as
+    pace and a run that clearly fits its budget is step-driven throughout, hence deterministic.
     """
     tp, state = run.params.train, run.state
     budget = tp.max_minutes * 60
@@ -245,9 +245,12 @@ def run_epoch(run: Run, epoch: int, progress: bool) -> dict:
             if budget:
                 if elapsed >= budget and run.ranks.world == 1:  # under DDP, checked at the epoch's end
                     break
+                step = state["step"]
+                if step == 1:
+                    state["first_step_s"] = elapsed
                 # under DDP every rank must agree: there, the projection is made at the epoch's end
-                if run.ranks.world == 1 and not state["time_driven"] and state["step"] % check_every == 0:
-                    state["time_driven"] = state["step"] > 0 and elapsed / budget > done
+                if run.ranks.world == 1 and not state["time_driven"] and (step & (step - 1) == 0 or step % check_every == 0):
+                    state["time_driven"] = overruns(state, elapsed, budget, run.total_steps)
                 if state["time_driven"]:
                     done = max(done, elapsed / budget)
             lr = lr_at(done, tp.lr, tp.warmup)
@@ -263,6 +266,12 @@ def run_epoch(run: Run, epoch: int, progress: bool) -> dict:
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", refresh=False)
     return {"seconds": time.perf_counter() - started, "images": _sum_over_ranks(images, run.ranks),
             "loss": loss_sum / max(batches, 1), "lr": lr}
+
+
+def overruns(state: dict, elapsed: float, budget: float, total_steps: int) -> bool:
+    """Whether the run, at its pace since its first step, would end after its time budget."""
+    step, first = state["step"], state.get("first_step_s", 0.0)
+    return step >= 2 and first + (elapsed - first) / (step - 1) * (total_steps - 1) > budget
 
 
 def val_accuracy(run: Run) -> float:
@@ -304,7 +313,7 @@ def train(params: Params, paths: Paths = Paths(), on_epoch_end: Callable[[int], 
         state["images"] += result["images"]
         state["seconds"] += result["seconds"]
         if tp.max_minutes and not state["time_driven"]:
-            state["time_driven"] = _any_rank(state["seconds"] / (tp.max_minutes * 60) > state["step"] / run.total_steps, ranks)
+            state["time_driven"] = _any_rank(overruns(state, state["seconds"], tp.max_minutes * 60, run.total_steps), ranks)
         row = {"epoch": epoch + 1, "loss": round(result["loss"], 5), "val_seq_accuracy": round(val_acc, 5),
                "lr": result["lr"], "images_per_second": round(result["images"] / result["seconds"], 1),
                "elapsed_s": round(state["seconds"], 1), "seconds": round(result["seconds"], 1)}

@@ -6,7 +6,7 @@ right and types the truth where it is wrong, counting keystrokes and seconds; th
 --accept-above on the same images: how many readings it labels without a person, and how many of
 those are right. Writes reports/bench/labelling.json.
 
-    python -m benchmarks.labelling [--model models/model.pt] [--n 200] [--accept-above 0.99]
+    python -m benchmarks.labelling [--model models/model.pt] [--n 200] [--accept-above 0.99] [--folder site]
 """
 from __future__ import annotations
 
@@ -101,8 +101,8 @@ def scripted_session(folder: Path, model: Path, truth: dict[str, str]) -> dict:
 
 
 def auto_labels(folder: Path, model: Path, truth: dict[str, str], threshold: float) -> dict:
-    (folder / "labels.csv").unlink(missing_ok=True)
-    session = open_session(folder, model, None)
+    csv_path = Path(tempfile.mkdtemp()) / "auto-labels.csv"  # apart from the folder's labels.csv
+    session = open_session(folder, model, csv_path)
     count = session.accept_above(threshold)
     auto = {p: a.label for p, a in session.answers.items() if a.status == "auto"}
     correct = sum(truth[p] == label for p, label in auto.items())
@@ -118,14 +118,18 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--accept-above", type=float, default=0.99)
     parser.add_argument("--out", type=Path, default=Path("reports/bench/labelling.json"))
+    parser.add_argument("--folder", type=Path, help="render into this (new) folder and keep it, labels.csv included")
     args = parser.parse_args()
     params = load_params(args.params)
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        truth = render_folder(folder, args.n, params)
-        report = {"date": time.strftime("%Y-%m-%d"), "model": str(args.model),
-                  "browser": scripted_session(folder, args.model, truth),
-                  "accept_above": auto_labels(folder, args.model, truth, args.accept_above)}
+    if args.folder:
+        args.folder.mkdir(parents=True)  # a new folder: nothing in it but these captchas
+    folder = args.folder or Path(tempfile.mkdtemp())
+    truth = render_folder(folder, args.n, params)
+    report = {"date": time.strftime("%Y-%m-%d"), "model": str(args.model),
+              "browser": scripted_session(folder, args.model, truth),
+              "accept_above": auto_labels(folder, args.model, truth, args.accept_above)}
+    if not args.folder:
+        shutil.rmtree(folder)
     write_json(args.out, report)
     print(json.dumps(report, indent=1))
 

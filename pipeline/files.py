@@ -1,11 +1,19 @@
-"""Writing outputs safely: to a temporary name in the same folder, then renamed into place."""
+"""Writing outputs safely: to a temporary name in the same folder, then renamed into place; and
+locks, so that two runs never write one folder at once."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
+
+from pipeline.errors import PipelineError
+
+TEMP_NAME = re.compile(r"^\..+\.tmp-(\d+)$")  # what atomic_write names its temporary files
 
 
 def atomic_write(path: Path, write: Callable) -> None:
@@ -32,3 +40,43 @@ def write_text(path: Path, text: str) -> None:
 
 def file_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, exclusive: bool) -> Iterator[None]:
+    """Hold a lock on `folder` (the file `.<folder>.lock` beside it) for the block: exclusive for a
+    run that replaces the folder, shared for runs that each add their own files to it. A conflicting
+    holder makes this raise PipelineError at once instead of waiting."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "a+") as f:
+        try:
+            fcntl.flock(f, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PipelineError(f"{folder}: another run is writing it; wait for it to end") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def remove_stale_temp_files(folder: Path, any_writer: bool) -> int:
+    """Remove atomic_write's temporary files left by killed runs: all of them (`any_writer`: no
+    other run can be writing), or those whose process is gone."""
+    removed = 0
+    for path in Path(folder).rglob(".*.tmp-*"):
+        match = TEMP_NAME.match(path.name)
+        if match and (any_writer or not _alive(int(match.group(1)))):
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

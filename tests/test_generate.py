@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -198,3 +199,30 @@ def test_killed_generate_leaves_only_complete_shards(tmp_path):
         with tarfile.open(shard) as tar:
             assert len(tar.getnames()) == 3 * 200
     assert not (tmp_path / "data/manifest.parquet").exists()
+
+
+def test_two_runs_never_write_one_folder_and_stale_temp_files_go(tmp_path, monkeypatch):
+    """A full run locks data/shards for itself: a second run stops at once, naming the folder.
+    Runs of --shards share the folder with each other; the temporary files of killed runs are removed."""
+    import subprocess
+    import sys
+
+    from pipeline.files import folder_lock
+
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path, SMALL)
+    with folder_lock(tmp_path / "data/shards", exclusive=False):  # a --shards run elsewhere
+        result = CliRunner().invoke(cli, ["generate", "--quiet"])
+        assert result.exit_code == 2
+        assert result.output.strip() == "error: data/shards: another run is writing it; wait for it to end"
+        assert CliRunner().invoke(cli, ["generate", "--quiet", "--shards", "0:1"]).exit_code == 0
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = tmp_path / f"data/shards/train/.train-000001.tar.tmp-{dead}"
+    live = tmp_path / f"data/shards/train/.train-000002.tar.tmp-{os.getpid()}"
+    stale.write_bytes(b"half a shard")
+    live.write_bytes(b"being written")
+    assert CliRunner().invoke(cli, ["generate", "--quiet", "--shards", "0:1"]).exit_code == 0
+    assert not stale.exists() and live.exists()  # a live writer's file is left alone
+    assert CliRunner().invoke(cli, ["generate", "--quiet"]).exit_code == 0
+    assert not list((tmp_path / "data").rglob("*.tmp-*"))

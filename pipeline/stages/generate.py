@@ -20,6 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipeline.errors import PipelineError
+from pipeline.files import folder_lock, remove_stale_temp_files
 from pipeline.params import DataParams
 from pipeline.render import Renderer, check_fonts_cover
 from pipeline.seeds import derive_seed
@@ -80,7 +81,19 @@ def parse_range(text: str, total: int) -> range:
 
 def generate(data: DataParams, shards: str | None = None, manifest_only: bool = False,
              root: Path = SHARDS_DIR, manifest: Path = MANIFEST, progress: bool = True) -> dict:
+    """Render the shards (all, or a range with `shards`), then write the manifest. A full run or
+    --manifest-only locks the folder for itself; --shards runs share it with each other only."""
     check_fonts_cover(data)
+    with folder_lock(root, exclusive=shards is None):
+        if shards is None:  # a killed run's half-written manifest, beside the folder
+            for stale in manifest.parent.glob(f".{manifest.name}.tmp-*"):
+                stale.unlink(missing_ok=True)
+        remove_stale_temp_files(root, any_writer=shards is None)
+        return _generate(data, shards, manifest_only, root, manifest, progress)
+
+
+def _generate(data: DataParams, shards: str | None, manifest_only: bool, root: Path, manifest: Path,
+              progress: bool) -> dict:
     jobs = plan_shards(data)
     started = time.perf_counter()
     if not manifest_only:

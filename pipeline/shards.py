@@ -209,8 +209,12 @@ def loader_workers(n_shards: int, world_size: int, workers: int, split: str, eve
 
 
 def make_loader(stream: ShardStream, workers: int, pin_memory: bool = False):
+    # A generator of its own: a DataLoader otherwise draws its workers' base seed from torch's global
+    # random state at each new iterator, which shifts dropout's masks by whether the workers were
+    # started in this process or before a resume. The stream seeds its own randomness (derive_seed).
     return torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
         persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
         multiprocessing_context="fork" if workers > 0 else None,
+        generator=torch.Generator().manual_seed(stream.seed),
     )

@@ -3,6 +3,7 @@ their training shards repeat per epoch. train, evaluate and export all resolve i
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,7 +19,7 @@ class Source:
     repeats: int
     table: pa.Table
 
-    @property
+    @cached_property  # evaluate asks once per test key
     def name(self) -> str:
         """The manifest's `source` column when it holds one value (synthetic, ingest), else its path."""
         values = pc.unique(self.table["source"]).to_pylist() if "source" in self.table.column_names else []

@@ -187,7 +187,7 @@ def inference(model_path: Path, runs: int) -> dict:
 
 # -- HTTP service ----------------------------------------------------------------------------
 
-def http_load(model_path: Path, seconds: float, clients: int) -> dict:
+def http_load(model_path: Path, seconds: float, clients: int, workers: int) -> dict:
     import socket
     import subprocess
     import sys
@@ -198,7 +198,7 @@ def http_load(model_path: Path, seconds: float, clients: int) -> dict:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--model", str(model_path),
-                               "--port", str(port), "--threads", "16"],
+                               "--port", str(port), "--workers", str(workers), "--threads", "16"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -225,6 +225,7 @@ def http_load(model_path: Path, seconds: float, clients: int) -> dict:
         for body in bodies[:8]:
             request(body)
         proc = psutil.Process(server.pid)
+        proc = proc.children()[0] if workers > 1 else proc  # a worker, not the supervisor
         rss_before = proc.memory_info().rss
         latencies, statuses, lock = [], [], threading.Lock()
         stop = time.perf_counter() + seconds
@@ -250,11 +251,23 @@ def http_load(model_path: Path, seconds: float, clients: int) -> dict:
         server.terminate()
         server.wait()
     lat = np.array(latencies) * 1e3
-    return {"clients": clients, "seconds": round(elapsed, 1), "requests": len(lat),
+    return {"clients": clients, "workers": workers, "seconds": round(elapsed, 1), "requests": len(lat),
             "requests_per_second": len(lat) / elapsed, "p50_ms": float(np.percentile(lat, 50)),
             "p99_ms": float(np.percentile(lat, 99)), "errors_5xx": sum(s >= 500 for s in statuses),
             "non_200": sum(s != 200 for s in statuses),
             "rss_mb_before": rss_before / 2**20, "rss_mb_after": rss_after / 2**20}
+
+
+def bench_http(model_path: Path, seconds: float, clients: int = 16) -> dict:
+    """16 clients against `serve` with one worker and with the default (one per core), in turn."""
+    from pipeline.stages.serve import default_workers
+
+    report = {}
+    for workers in sorted({1, default_workers()}):
+        print(f"HTTP, {workers} worker(s) ...", flush=True)
+        report[f"{workers}_workers"] = http_load(model_path, seconds, clients, workers)
+        print(json.dumps(report[f"{workers}_workers"], indent=1), flush=True)
+    return report
 
 
 def main():
@@ -265,6 +278,7 @@ def main():
     parser.add_argument("--out", default="reports/bench.json")
     parser.add_argument("--tables", metavar="REPORT", help="only print the tables of a saved report")
     parser.add_argument("--cuda-only", action="store_true", help="only the CUDA training rates")
+    parser.add_argument("--http-only", action="store_true", help="only the HTTP load (needs --model)")
     args = parser.parse_args()
     if args.tables:
         print(format_tables(json.loads(Path(args.tables).read_text())))
@@ -282,6 +296,12 @@ def main():
         write_json(Path(args.out), report)
         print(format_tables(report))
         print(f"wrote {args.out}")
+        return
+
+    if args.http_only:
+        report["http"] = bench_http(Path(args.model), 5 if args.quick else 30)
+        write_json(Path(args.out), report)
+        print(format_tables(report))
         return
 
     print("generation ...", flush=True)
@@ -328,9 +348,7 @@ def main():
     print("inference ...", flush=True)
     report["inference"] = inference(model_path, runs)
     print(json.dumps(report["inference"], indent=1), flush=True)
-    print("HTTP ...", flush=True)
-    report["http"] = http_load(model_path, 5 if args.quick else 30, 16)
-    print(json.dumps(report["http"], indent=1), flush=True)
+    report["http"] = bench_http(model_path, 5 if args.quick else 30)
     write_json(Path(args.out), report)
     print(format_tables(report))
     print(f"wrote {args.out}")
@@ -346,6 +364,8 @@ def format_tables(report: dict) -> str:
     m = report["machine"]
     out = [f"{report['date']}, {m['cpu']}, {m['cores']} cores, " + (f"{m['gpu']}, " if "gpu" in m else "")
            + f"torch {m['torch']}", ""]
+    if "generation" not in report and "http" in report:  # an --http-only report
+        return "\n".join(out + format_http(report["http"]))
     if "generation" not in report:  # a --cuda-only report
         cuda = report["cuda_training_images_per_second"]
         out += [f"| CUDA training step (batch 256) | fp32 img/s | {cuda['mixed_precision']} img/s |", "|---|---|---|"]
@@ -378,11 +398,18 @@ def format_tables(report: dict) -> str:
         backend, threads, _ = name.rsplit("_", 2)  # e.g. onnxruntime_2_threads
         out.append(f"| {backend}, {threads} thread{'s' if threads != '1' else ''} | {r['batch1_model_ms']:.1f} ms "
                    f"| {r['batch1_png_to_text_ms']:.1f} ms | {r['batch64_images_per_second']:,.0f} img/s |")
-    h = report["http"]
-    out += ["", f"HTTP, {h['clients']} clients for {h['seconds']} s: {h['requests_per_second']:.0f} requests/s, "
-            f"p50 {h['p50_ms']:.0f} ms, p99 {h['p99_ms']:.0f} ms, {h['requests']:,} requests, "
-            f"{h['errors_5xx']} 5xx, RSS {h['rss_mb_before']:.0f} -> {h['rss_mb_after']:.0f} MB"]
+    out += [""] + format_http(report["http"])
     return "\n".join(out)
+
+
+def format_http(http: dict) -> list[str]:
+    out = []
+    for h in http.values() if "clients" not in http else [http]:  # older reports hold one run
+        out.append(f"HTTP, {h['clients']} clients for {h['seconds']} s, `--workers {h.get('workers', 1)}`: "
+                   f"{h['requests_per_second']:.0f} requests/s, p50 {h['p50_ms']:.0f} ms, p99 {h['p99_ms']:.0f} ms, "
+                   f"{h['requests']:,} requests, {h['errors_5xx']} 5xx, RSS of one process "
+                   f"{h['rss_mb_before']:.0f} -> {h['rss_mb_after']:.0f} MB")
+    return out
 
 
 def machine() -> dict:

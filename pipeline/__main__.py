@@ -114,8 +114,9 @@ def predict(inputs, model_path, onnx, beam, allowed, batch_size):
 @onnx_option
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
-@click.option("--workers", default=1, show_default=True, type=click.IntRange(1), help="processes")
-@click.option("--threads", default=8, show_default=True, type=click.IntRange(1), help="threads per process")
+@click.option("--workers", default=None, type=click.IntRange(1),
+              help="processes, kept up by a supervisor [default: one per core, at most 8]")
+@click.option("--threads", default=16, show_default=True, type=click.IntRange(1), help="threads per process")
 def serve(model_path, onnx, host, port, workers, threads):
     """Serve POST /predict, GET /healthz and GET /model over HTTP (waitress)."""
     from pipeline.stages.serve import serve as run

@@ -31,9 +31,9 @@ class ImageError(ValueError):
         self.kind = kind
 
 
-def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
-    """Bytes -> decoded PIL image (first frame of animations), checked in this order: readable
-    header, accepted format, pixel count (from the header, before decoding), then the pixels."""
+def open_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
+    """Bytes -> PIL image, its header checked (readable, accepted format, pixel count) but its
+    pixels not yet decoded: callers can weigh what decoding will cost first."""
     if not data:
         raise ImageError("unreadable", "empty file")
     try:
@@ -49,11 +49,22 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
     width, height = image.size
     if width <= 0 or height <= 0 or (max_pixels is not None and width * height > max_pixels):
         raise ImageError("too_large", f"image of {width}x{height} pixels is over the limit of {max_pixels}")
+    return image
+
+
+def load_pixels(image: Image.Image) -> Image.Image:
+    """Decode an `open_image` result now: truncated files fail here, not later."""
     try:
-        image.load()  # decode now: truncated files fail here, not later
+        image.load()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ImageError("corrupt", f"truncated or corrupt image ({e})") from None
     return image
+
+
+def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
+    """Bytes -> decoded PIL image (first frame of animations), checked in this order: readable
+    header, accepted format, pixel count (from the header, before decoding), then the pixels."""
+    return load_pixels(open_image(data, max_pixels))
 
 
 @dataclass(frozen=True)

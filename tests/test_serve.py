@@ -104,12 +104,17 @@ class EchoRecognizer:
     def __init__(self, preprocess):
         self.preprocess = preprocess
         self.batch_sizes = []
+        self.decoding_threads = set()
 
-    def predict_arrays(self, batch, beam=1, allowed=None):
+    def probs(self, batch):
+        self.batch_sizes.append(len(batch))
+        return np.array([[[float(a.sum())]] for a in batch])
+
+    def decode(self, probs, beam=1, allowed=None):
         from pipeline.recognizer import Prediction
 
-        self.batch_sizes.append(len(batch))
-        return [Prediction(f"{float(a.sum()):.3f}", 1.0) for a in batch]
+        self.decoding_threads.add(threading.current_thread().name)
+        return [Prediction(f"{p[0, 0]:.3f}", 1.0) for p in probs]
 
 
 def test_concurrent_requests_get_their_own_answers(recognizer):
@@ -132,6 +137,11 @@ def test_concurrent_requests_get_their_own_answers(recognizer):
         t.join()
     assert got == expected
     assert sum(echo.batch_sizes) == len(images)
+    # a beam search (slow when wide) runs in its request's thread, never the batcher's
+    echo.decoding_threads.clear()
+    r = post(client, *images[:3], query="?beam=8")
+    assert [x["text"] for x in r.json["results"]] == expected[:3]
+    assert echo.decoding_threads and "micro-batcher" not in echo.decoding_threads
 
 
 def test_healthz_and_model(client):

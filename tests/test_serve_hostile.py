@@ -1,0 +1,259 @@
+"""The HTTP server against clients that misbehave: idle and trickling connections, bodies that
+are too large, requests that ask for too much work, and the supervised worker processes."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import psutil
+import pytest
+from PIL import Image
+
+from pipeline.recognizer import Recognizer
+from pipeline.render import Renderer
+from pipeline.stages import serve as serve_module
+from pipeline.stages.serve import Limits, create_app, make_server
+
+LIMITS = Limits(max_bytes=2_000_000, max_connections=40, max_connections_per_client=8,
+                idle_timeout=1, request_timeout=2)
+
+
+@pytest.fixture(scope="module")
+def recognizer(tiny_dataset):
+    return Recognizer(tiny_dataset / "models/model.pt", onnx=False)
+
+
+@pytest.fixture(scope="module")
+def server_url(recognizer):
+    sock = socket.create_server(("127.0.0.1", 0))
+    server = make_server(create_app(recognizer, LIMITS), sock, 4, LIMITS)
+    threading.Thread(target=server.run, daemon=True).start()
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server.task_dispatcher.shutdown(timeout=1)
+
+
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+def get(url: str, timeout: float = 5):
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.status, json.loads(r.read())
+
+
+def post(url: str, body: bytes, headers: dict | None = None):
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "image/png", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def closed_by_server(sock: socket.socket, within: float) -> bool:
+    sock.settimeout(within)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+
+
+def connect_from(address: str, port: int) -> socket.socket:
+    sock = socket.socket()
+    sock.bind((address, 0))
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def test_idle_connections_of_one_client_never_lock_out_the_others(server_url):
+    port = port_of(server_url)
+    try:
+        idle = [connect_from("127.0.0.2", port) for _ in range(LIMITS.max_connections + 10)]
+    except OSError as e:
+        pytest.skip(f"cannot connect from a second loopback address here: {e}")
+    status, body = get(f"{server_url}/healthz")
+    assert status == 200 and body == {"status": "ok"}
+    # all but the per-client cap are closed at once; the rest once idle for idle_timeout
+    refused = sum(closed_by_server(s, 0.5) for s in idle)
+    assert refused >= len(idle) - LIMITS.max_connections_per_client
+    assert all(closed_by_server(s, LIMITS.idle_timeout + 3) for s in idle)
+    for s in idle:
+        s.close()
+
+
+def test_a_request_trickling_in_is_cut_off_at_the_deadline(server_url):
+    sock = connect_from("127.0.0.1", port_of(server_url))
+    sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\n")
+    started = time.monotonic()
+    closed = False
+    while time.monotonic() - started < LIMITS.request_timeout + 4:
+        try:
+            sock.sendall(b"X")  # one byte of a header every 0.2 s: never idle
+        except OSError:
+            closed = True
+            break
+        if closed_by_server(sock, 0.2):
+            closed = True
+            break
+    sock.close()
+    assert closed, "a trickling request held its connection past the deadline"
+
+
+def test_an_oversized_body_is_refused_on_its_announced_length(server_url):
+    sock = connect_from("127.0.0.1", port_of(server_url))
+    sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                 b"Content-Length: 31457280\r\n\r\n")  # 30 MB announced, none sent
+    sock.settimeout(5)
+    reply = b""
+    while chunk := sock.recv(65536):  # the server closes the connection after its answer
+        reply += chunk
+    sock.close()
+    reply = reply.decode()
+    assert reply.startswith("HTTP/1.1 413")
+    assert "error" in json.loads(reply.split("\r\n\r\n", 1)[1])
+
+
+def test_uploads_are_never_written_to_disk(server_url, monkeypatch):
+    def no_disk(*args, **kwargs):
+        raise AssertionError("an upload went to a temporary file")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", no_disk)
+    monkeypatch.setattr(tempfile, "SpooledTemporaryFile", no_disk)
+    noise = np.random.default_rng(0).integers(0, 256, (600, 600, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, "PNG", compress_level=0)
+    image = buffer.getvalue()
+    assert 1_000_000 < len(image) < LIMITS.max_bytes  # over both libraries' spooling thresholds
+    assert post(f"{server_url}/predict", image)[0] == 200
+    boundary = "b0undary"
+    multipart = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n"
+                 f"Content-Type: image/png\r\n\r\n").encode() + image + f"\r\n--{boundary}--\r\n".encode()
+    status, _ = post(f"{server_url}/predict", multipart,
+                     {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert status == 200
+
+
+def png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (width, height), 200).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def post_files(client, blobs, query=""):
+    data = {"file": [(io.BytesIO(b), f"f{i}.png") for i, b in enumerate(blobs)]}
+    return client.post(f"/predict{query}", data=data, content_type="multipart/form-data")
+
+
+def test_work_per_request_is_bounded_before_decoding(recognizer, monkeypatch):
+    decoded = []
+    real_load = serve_module.load_pixels
+    monkeypatch.setattr(serve_module, "load_pixels", lambda im: decoded.append(im.size) or real_load(im))
+    limits = Limits(max_request_pixels=3_000_000, max_beam_work=64)
+    client = create_app(recognizer, limits).test_client()
+    # each image is under the per-image limit, together they are over the request's
+    r = post_files(client, [png(1000, 1000)] * 4)
+    assert r.status_code == 413 and "pixels in one request" in r.json["error"]
+    r = post_files(client, [png(128, 64)] * 4, "?beam=32")
+    assert r.status_code == 413 and "files x beam" in r.json["error"]
+    assert decoded == []
+    r = post_files(client, [png(128, 64)] * 2, "?beam=32")
+    assert r.status_code == 200 and len(r.json["results"]) == 2
+
+
+# -- the supervised worker processes --------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_serve(model, port, *args):
+    return subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--model", str(model),
+                             "--port", str(port), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def wait_healthy(port: int, proc, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read().decode()
+        try:
+            if get(f"http://127.0.0.1:{port}/healthz", timeout=1)[0] == 200:
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise AssertionError("server did not come up")
+
+
+def wait_for(condition, seconds: float = 20) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def alive(pids) -> list[int]:
+    return [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+
+
+def test_workers_are_replaced_and_die_with_the_supervisor(tiny_dataset, tmp_path):
+    model, port = tiny_dataset / "models/model.pt", free_port()
+    proc = start_serve(model, port, "--workers", "2")
+    try:
+        wait_healthy(port, proc)
+        parent = psutil.Process(proc.pid)
+        assert wait_for(lambda: len(parent.children()) == 2)
+        first = [c.pid for c in parent.children()]
+        os.kill(first[0], signal.SIGKILL)  # a crashed worker is replaced
+        assert wait_for(lambda: len(alive(c.pid for c in parent.children())) == 2 and
+                        first[0] not in [c.pid for c in parent.children()])
+        wait_healthy(port, proc)
+
+        # a second server on the same port: one line, exit 2
+        other = start_serve(model, port, "--workers", "1")
+        _, err = other.communicate(timeout=60)
+        assert other.returncode == 2 and "cannot listen on 127.0.0.1" in err.decode()
+        assert len(err.decode().strip().splitlines()) == 1
+
+        workers = [c.pid for c in parent.children()]
+        proc.send_signal(signal.SIGTERM)  # the supervisor stops, its workers with it
+        proc.wait(timeout=20)
+        assert wait_for(lambda: not alive(workers))
+    finally:
+        proc.kill()
+        proc.wait()
+
+    proc = start_serve(model, port, "--workers", "2")  # the port is free again
+    try:
+        wait_healthy(port, proc)
+        workers = [c.pid for c in psutil.Process(proc.pid).children()]
+        proc.kill()  # even a SIGKILLed supervisor takes its workers with it
+        proc.wait()
+        assert wait_for(lambda: not alive(workers))
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_serve_refuses_a_bad_host_or_model_in_one_line(tiny_dataset, tmp_path):
+    for args in (["--model", str(tiny_dataset / "models/model.pt"), "--host", "999.1.1.1"],
+                 ["--model", str(tmp_path / "missing.pt")]):
+        r = subprocess.run([sys.executable, "-m", "pipeline", "serve", "--port", str(free_port()), *args],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -18,6 +18,9 @@ class _Group(click.Group):
         except PipelineError as e:
             click.echo(f"error: {e}", err=True)
             ctx.exit(2)
+        except OSError as e:  # a disk or permission fault the stage did not name itself
+            click.echo(f"error: {e.filename or ''}: {e.strerror or e}".replace("error: : ", "error: "), err=True)
+            ctx.exit(2)
 
 
 params_option = click.option("--params", "params_path", default="params.yaml", show_default=True,

@@ -26,7 +26,10 @@ class Charset:
         return {c: i + 1 for i, c in enumerate(self.chars)}
 
     def encode(self, label: str) -> list[int]:
-        return [self._index[c] for c in label]
+        try:
+            return [self._index[c] for c in label]
+        except KeyError:
+            raise ValueError(f"label {label!r} has characters not in the charset: {self.unknown(label)!r}") from None
 
     def decode(self, ids) -> str:
         return "".join(self.chars[i - 1] for i in ids if i > 0)

@@ -26,7 +26,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset
 
 from pipeline.files import atomic_write
-from pipeline.errors import PipelineError
+from pipeline.errors import DataError, PipelineError
 from pipeline.seeds import derive_seed
 
 SPLITS = ("train", "val", "test")
@@ -171,21 +171,33 @@ class ShardStream(IterableDataset):
             random.Random(derive_seed(self.seed, "shards", epoch)).shuffle(urls)
         rng = random.Random(derive_seed(self.seed, "samples", epoch, rank, worker))
         stages = [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker,
-                  wds.tarfile_to_samples()]
+                  wds.tarfile_to_samples(handler=stop_on_bad_shard)]
         if self.shuffle:
             stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng))
 
         def apply(sample):
             # each sample's augmentation has a stream of its own: the same whatever the workers
-            key, label = sample["__key__"], sample["txt"].decode("utf-8")
-            augment_rng = random.Random(derive_seed(self.seed, "augment", epoch, key))
-            return (*self.transform(sample["png"], label, augment_rng), label, key)
+            key = sample["__key__"]
+            try:
+                label = sample["txt"].decode("utf-8")
+                augment_rng = random.Random(derive_seed(self.seed, "augment", epoch, key))
+                return (*self.transform(sample["png"], label, augment_rng), label, key)
+            except Exception as e:  # noqa: BLE001 - whatever is wrong with it, name the sample
+                reason = f"no {e} member" if isinstance(e, KeyError) else str(e).split(" (")[0]
+                raise DataError(f"{sample.get('__url__', '?')}: sample {key}: {reason}") from None
 
         stages += [
             wds.map(apply),
             wds.batched(self.batch_size, collation_fn=collate, partial=True),
         ]
         return iter(wds.DataPipeline(*stages))
+
+
+def stop_on_bad_shard(exn: Exception) -> bool:
+    """webdataset's handler for a shard it cannot read: stop, naming the shard (its last arg)."""
+    where = next((a for a in reversed(exn.args) if isinstance(a, str) and a.endswith(".tar")), "a shard")
+    reason = str(exn.args[0]).split(" @ ")[0] if exn.args else type(exn).__name__
+    raise DataError(f"{where}: unreadable shard ({reason}); rebuild it") from None
 
 
 def collate(samples):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.errors import PipelineError
+from pipeline.errors import DataError, PipelineError
 from pipeline.shards import read_manifest, split_shards
 
 
@@ -30,7 +30,28 @@ class Source:
 
 
 def load_sources(sources: dict[str, int]) -> list[Source]:
-    return [Source(manifest, repeats, read_manifest(Path(manifest))) for manifest, repeats in sources.items()]
+    loaded = [Source(manifest, repeats, read_manifest(Path(manifest))) for manifest, repeats in sources.items()]
+    for source in loaded:
+        check_manifest(source)
+    return loaded
+
+
+def check_manifest(source: Source) -> None:
+    """Every row a sample of its own, in a shard that exists: an edited or stale manifest stops here."""
+    table = source.table
+    if table.num_rows == 0:
+        return
+    for columns, what in ((["key"], "key"), (["shard", "offset"], "shard position")):
+        counts = table.group_by(columns).aggregate([([], "count_all")])
+        twice = counts.filter(pc.greater(counts["count_all"], 1))
+        if twice.num_rows:
+            example = ", ".join(str(twice[c][0].as_py()) for c in columns)
+            raise DataError(f"{source.manifest}: {twice.num_rows} {what}s listed more than once (e.g. {example}); "
+                            f"rebuild the manifest (generate --manifest-only, or ingest)")
+    missing = [s for s in pc.unique(table["shard"]).to_pylist() if not Path(s).is_file()]
+    if missing:
+        raise DataError(f"{missing[0]}: shard listed in {source.manifest} not found"
+                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
 
 
 def shards_of(sources: list[Source], split: str) -> list[tuple[str, int]]:

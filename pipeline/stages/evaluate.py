@@ -8,13 +8,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.compute as pc
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from pipeline import checkpoint
 from pipeline.device import pick_device, pick_precision
-from pipeline.files import atomic_write, file_sha256, write_json
+from pipeline.files import atomic_write, check_writable, file_sha256, write_json
 from pipeline.inference import predict_batches
 from pipeline.metrics import align, compute_metrics
 from pipeline.params import Params
@@ -32,6 +33,7 @@ class Paths:
 
 def evaluate(params: Params, paths: Paths = Paths(), progress: bool = True) -> dict:
     settings = params.evaluate
+    check_writable(*{p.parent for p in (paths.metrics, paths.confusion, paths.errors)})
     bundle = checkpoint.load(paths.model)
     device = pick_device(settings.device, "evaluate.device")
     precision = pick_precision(settings.precision, device, "evaluate.precision")
@@ -40,6 +42,8 @@ def evaluate(params: Params, paths: Paths = Paths(), progress: bool = True) -> d
     sources = load_sources(params.train.sources)
     shards = require_shards(sources, "test", "evaluate")
     key_source = {key: source.name for source in sources for key in source.keys("test")}
+    for warning in charset_warnings(bundle.charset.chars, params.data.charset, paths.model, sources):
+        print(f"warning: {warning}", file=sys.stderr)
     n_total = sum(n for _, n in shards)
 
     def transform(png, label, augment_rng):
@@ -79,6 +83,22 @@ def evaluate(params: Params, paths: Paths = Paths(), progress: bool = True) -> d
     print(f"test: seq accuracy {metrics['seq_accuracy']:.4f}, char accuracy {metrics['char_accuracy']:.4f}, "
           f"CER {metrics['cer']:.4f}, n {metrics['n']}", file=sys.stderr)
     return metrics
+
+
+def charset_warnings(model_chars: str, data_chars: str, model_path: Path, sources) -> list[str]:
+    """What can make a score 0 with nothing wrong in the model: an edited checkpoint (its charset the
+    same characters in another order than the data's), or test labels it cannot spell."""
+    warnings = []
+    if model_chars != data_chars and sorted(model_chars) == sorted(data_chars):
+        warnings.append(f"{model_path} reads the charset {model_chars!r}: the characters of data.charset "
+                        f"{data_chars!r} in another order; unless the model was trained so, its outputs "
+                        f"map to the wrong characters")
+    labels = "".join("".join(s.table.filter(pc.equal(s.table["split"], "test"))["label"].to_pylist())
+                     for s in sources)
+    unknown = "".join(sorted(set(labels) - set(model_chars)))
+    if unknown:
+        warnings.append(f"test labels hold characters {model_path} cannot read: {unknown!r}")
+    return warnings
 
 
 def write_confusion(path: Path, truths: list[str], preds: list[str]) -> None:

@@ -11,7 +11,7 @@ import onnx
 import torch
 
 from pipeline import checkpoint
-from pipeline.files import atomic_write, file_sha256, write_json
+from pipeline.files import atomic_write, check_writable, file_sha256, write_json
 from pipeline.errors import PipelineError
 from pipeline.inference import decode_texts, model_logits, softmax
 from pipeline.params import Params
@@ -44,6 +44,7 @@ def to_onnx(bundle: checkpoint.Bundle, checkpoint_sha256: str, opset: int) -> by
 def export(params: Params, model_path: Path = Path("models/model.pt"),
            onnx_path: Path = Path("models/model.onnx"), report: Path = Path("reports/export.json")) -> dict:
     settings = params.export
+    check_writable(onnx_path.parent, report.parent)
     bundle = checkpoint.load(model_path)
     data = to_onnx(bundle, file_sha256(model_path), settings.opset)
 

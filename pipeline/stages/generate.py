@@ -20,7 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipeline.errors import PipelineError
-from pipeline.files import folder_lock, remove_stale_temp_files
+from pipeline.files import check_writable, folder_lock, remove_stale_temp_files
 from pipeline.params import DataParams
 from pipeline.render import Renderer, check_fonts_cover
 from pipeline.seeds import derive_seed
@@ -85,6 +85,8 @@ def generate(data: DataParams, shards: str | None = None, manifest_only: bool = 
     --manifest-only locks the folder for itself; --shards runs share it with each other only."""
     check_fonts_cover(data)
     with folder_lock(root, exclusive=shards is None):
+        # before anything is deleted: a folder we cannot write must not cost the manifest
+        check_writable(manifest.parent, *([] if manifest_only else [root, *sorted(root.glob("*/"))]))
         if shards is None:  # a killed run's half-written manifest, beside the folder
             for stale in manifest.parent.glob(f".{manifest.name}.tmp-*"):
                 stale.unlink(missing_ok=True)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.errors import PipelineError
-from pipeline.files import write_json
+from pipeline.files import check_writable, write_json
 from pipeline.params import DataParams, IngestParams
 from pipeline.preprocess import IMAGE_SUFFIXES, ImageError, decode_image
 from pipeline.shards import Sample, scan_shards, shard_path, write_manifest, write_shard
@@ -192,6 +192,7 @@ def ingest(data: DataParams, ip: IngestParams, source: Path | None = None, label
     if not str(source) or str(source) == ".":
         raise PipelineError("ingest.source: no folder given (set ingest.source or pass SOURCE)")
     labels = labels or (Path(ip.labels) if ip.labels else None)
+    check_writable(Path(ip.out), report_path.parent)
     candidates, report = collect(source, ip, labels)
     kept = screen(candidates, data, ip, report)
     if report.invalid:

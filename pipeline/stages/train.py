@@ -29,7 +29,7 @@ from pipeline import checkpoint
 from pipeline.charset import Charset
 from pipeline.device import autocast, pick_device, pick_precision
 from pipeline.errors import PipelineError
-from pipeline.files import write_json, write_text
+from pipeline.files import check_writable, write_json, write_text
 from pipeline.inference import predict_batches
 from pipeline.models import build_model
 from pipeline.params import Params, TrainParams
@@ -304,6 +304,8 @@ def train(params: Params, paths: Paths = Paths(), on_epoch_end: Callable[[int], 
           progress: bool = True) -> dict:
     tp = params.train
     ranks = init_distributed(tp.device)
+    if ranks.main:  # a folder that cannot take the checkpoints fails now, not after an epoch
+        check_writable(*{p.parent for p in (paths.model, paths.last, paths.history, paths.summary)})
     run = set_up(params, ranks, paths)
     state, stop_reason = run.state, "completed"
     for epoch in range(state["epoch"], tp.epochs):

@@ -72,11 +72,31 @@ def train(params_path, quiet):
 @cli.command()
 @params_option
 @click.option("--quiet", is_flag=True, help="no progress bar")
-def evaluate(params_path, quiet):
+@click.option("--model", "model_path", default=None, type=click.Path(path_type=Path),
+              help="score this checkpoint instead; print its metrics, write no report")
+@click.option("--folder", default=None, type=click.Path(path_type=Path),
+              help="score a labelled folder instead of the test split (labels from --labels or file names)")
+@click.option("--labels", default=None, type=click.Path(path_type=Path),
+              help="with --folder: CSV/TSV of path,label [default: FOLDER/labels.csv if present]")
+@click.option("--case", type=click.Choice(["upper", "lower"]), default=None,
+              help="with --folder: compare letters case-insensitively")
+def evaluate(params_path, quiet, model_path, folder, labels, case):
     """Score models/model.pt on the test split; write reports/metrics.json and pictures."""
-    from pipeline.stages.evaluate import evaluate as run
+    import json
 
-    run(load_params(params_path), progress=not quiet)
+    from pipeline.stages.evaluate import Paths, evaluate as run, score_folder
+
+    params = load_params(params_path)
+    if folder is not None:
+        labels = labels or (folder / "labels.csv" if (folder / "labels.csv").exists() else None)
+        metrics = score_folder(model_path or Paths().model, folder, labels, params.ingest.pattern,
+                               params.evaluate.thresholds, case)
+    elif model_path is not None:
+        metrics = run(params, Paths(model=model_path), progress=not quiet, write=False)
+    else:
+        run(params, progress=not quiet)
+        return
+    click.echo(json.dumps(metrics, indent=1))
 
 
 @cli.command()
@@ -100,15 +120,18 @@ onnx_option = click.option("--onnx/--torch", "onnx", default=None,
 @onnx_option
 @click.option("--beam", default=1, show_default=True, type=click.IntRange(1, 64), help="CTC beam width")
 @click.option("--allowed", default=None, help="restrict the output to these characters")
+@click.option("--case", type=click.Choice(["upper", "lower"]), default=None,
+              help="read letters case-insensitively and answer in this case")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
-def predict(inputs, model_path, onnx, beam, allowed, batch_size):
+def predict(inputs, model_path, onnx, beam, allowed, case, batch_size):
     """Read images (files, folders, globs); print {"path", "text", "confidence"} per line."""
     from pipeline.stages.predict import check_allowed, expand_inputs, predict_paths
     from pipeline.recognizer import Recognizer
 
     recognizer = Recognizer(model_path, onnx=onnx)
     check_allowed(recognizer, allowed)
-    failures = predict_paths(recognizer, expand_inputs(inputs), batch_size=batch_size, beam=beam, allowed=allowed)
+    failures = predict_paths(recognizer, expand_inputs(inputs), batch_size=batch_size, beam=beam,
+                             allowed=allowed, case=case)
     sys.exit(1 if failures else 0)
 
 

@@ -38,6 +38,20 @@ class Charset:
         """The characters of `label` that are not in the charset, in order, once each."""
         return "".join(dict.fromkeys(c for c in label if c not in self.chars))
 
+    def fold_case(self, probs: np.ndarray, case: str | None) -> np.ndarray:
+        """(..., classes) probabilities with each letter's mass moved to its `case` ("upper" or
+        "lower") form where the charset has that form: a mixed-case model read case-insensitively."""
+        if case is None:
+            return probs
+        probs = probs.copy()
+        for i, c in enumerate(self.chars, 1):
+            target = c.upper() if case == "upper" else c.lower()
+            j = self._index.get(target)
+            if target != c and j is not None:
+                probs[..., j] += probs[..., i]
+                probs[..., i] = 0
+        return probs
+
     def mask(self, allowed: str | None) -> np.ndarray | None:
         """Boolean mask over classes keeping the blank and `allowed` characters (None: all)."""
         if not allowed:

@@ -34,12 +34,18 @@ def model_probs(model: nn.Module, images, device: torch.device = CPU, precision:
 
 
 def decode_texts(probs: np.ndarray, charset: Charset, ctc: bool, beam: int = 1,
-                 allowed: str | None = None) -> list[tuple[str, float]]:
+                 allowed: str | None = None, case: str | None = None) -> list[tuple[str, float]]:
+    """Texts and confidences; `allowed` keeps only those characters, `case` ("upper", "lower")
+    reads letters case-insensitively and answers in that case."""
     mask = charset.mask(allowed)
     if mask is not None:
         probs = probs * mask
         probs = probs / probs.sum(-1, keepdims=True)
-    return [(charset.decode(ids), conf) for ids, conf in decode(probs, beam, collapse_repeats=ctc)]
+    probs = charset.fold_case(probs, case)
+    texts = [(charset.decode(ids), conf) for ids, conf in decode(probs, beam, collapse_repeats=ctc)]
+    if case:
+        texts = [(text.upper() if case == "upper" else text.lower(), conf) for text, conf in texts]
+    return texts
 
 
 def predict_batches(model: nn.Module, batches: Iterable, device: torch.device, precision: str,

@@ -49,17 +49,19 @@ class Recognizer:
             return softmax(self.session.run(None, {"images": batch})[0])
         return model_probs(self.bundle.model, batch)
 
-    def decode(self, probs: np.ndarray, beam: int = 1, allowed: str | None = None) -> list[Prediction]:
-        """(B, T, classes) probabilities -> one Prediction per image."""
-        decoded = decode_texts(probs, self.charset, self.bundle.ctc, beam, allowed)
+    def decode(self, probs: np.ndarray, beam: int = 1, allowed: str | None = None,
+               case: str | None = None) -> list[Prediction]:
+        """(B, T, classes) probabilities -> one Prediction per image (see decode_texts)."""
+        decoded = decode_texts(probs, self.charset, self.bundle.ctc, beam, allowed, case)
         return [Prediction(text, conf) for text, conf in decoded]
 
-    def predict_arrays(self, batch: np.ndarray, beam: int = 1, allowed: str | None = None) -> list[Prediction]:
-        return self.decode(self.probs(batch), beam, allowed) if len(batch) else []
+    def predict_arrays(self, batch: np.ndarray, beam: int = 1, allowed: str | None = None,
+                       case: str | None = None) -> list[Prediction]:
+        return self.decode(self.probs(batch), beam, allowed, case) if len(batch) else []
 
-    def predict(self, images, beam: int = 1, allowed: str | None = None) -> list[Prediction]:
+    def predict(self, images, beam: int = 1, allowed: str | None = None, case: str | None = None) -> list[Prediction]:
         """Images as paths, bytes, PIL images or numpy arrays (any mode, any size)."""
-        return self.predict_arrays(self.preprocess.batch(list(images)), beam, allowed)
+        return self.predict_arrays(self.preprocess.batch(list(images)), beam, allowed, case)
 
     def describe(self) -> dict:
         b = self.bundle

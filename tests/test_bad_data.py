@@ -12,7 +12,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from conftest import write_params
+from tests.conftest import write_params
 from pipeline.__main__ import cli
 from pipeline.shards import Sample, iter_tar, write_shard
 

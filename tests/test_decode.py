@@ -117,3 +117,19 @@ def test_mask_restricts_output():
     assert set(CS.decode(ids)) <= set("0123456789")
     with pytest.raises(ValueError):
         CS.mask("Z")
+
+
+def test_case_folding_merges_each_letters_two_forms_before_decoding():
+    from pipeline.inference import decode_texts
+
+    mixed = Charset("0123aAbB")
+    # every frame splits its mass between 'a' and 'A': neither form wins alone, together they beat '0'
+    probs = np.zeros((1, 3, mixed.num_classes))
+    a, upper_a, zero = mixed.encode("a")[0], mixed.encode("A")[0], mixed.encode("0")[0]
+    probs[0, :, a], probs[0, :, upper_a], probs[0, :, zero] = 0.3, 0.3, 0.4
+    assert decode_texts(probs, mixed, ctc=True)[0][0] == "0"
+    (upper, p_upper), = decode_texts(probs, mixed, ctc=True, case="upper")
+    (lower, p_lower), = decode_texts(probs, mixed, ctc=True, case="lower")
+    assert (upper, lower) == ("A", "a") and p_upper == pytest.approx(p_lower)
+    # a single-case model answers in the asked case
+    assert decode_texts(one_hot_path("A-B"), CS, ctc=True, case="lower")[0][0] == "ab"

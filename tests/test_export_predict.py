@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -83,3 +84,26 @@ def test_a_checkpoint_that_would_run_code_is_refused_in_one_line(tmp_path):
     assert result.output.strip().splitlines() == [
         f"error: {path}: refused: it holds objects other than tensors and plain data, which could run code "
         f"when loaded; not a captcha-crnn checkpoint"]
+
+
+def test_evaluate_scores_another_model_or_a_labelled_folder_and_writes_nothing(tiny_copy):
+    from pipeline.render import Renderer
+
+    before = {p: p.read_bytes() for p in Path("reports").rglob("*") if p.is_file()}
+    result = CliRunner().invoke(cli, ["evaluate", "--quiet", "--model", "models/last.pt"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["n"] == 60
+    site = Path("site")
+    site.mkdir()
+    renderer = Renderer(128, 64)
+    labels = ["AB12", "CD34", "EF56"]
+    for i, label in enumerate(labels):
+        renderer.image(label, 7000 + i).save(site / f"shot{i}.png")
+    (site / "labels.csv").write_text("path,label\n" + "".join(f"shot{i}.png,{t.lower()}\n" for i, t in enumerate(labels)))
+    result = CliRunner().invoke(cli, ["evaluate", "--folder", "site", "--case", "upper"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
+    assert metrics["n"] == 3 and metrics["folder"] == "site" and metrics["model"] == "models/model.pt"
+    assert {p: p.read_bytes() for p in Path("reports").rglob("*") if p.is_file()} == before
+    result = CliRunner().invoke(cli, ["evaluate", "--folder", "nowhere"])
+    assert result.exit_code == 2 and result.output.strip() == "error: nowhere: folder not found"

@@ -2,15 +2,18 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from click.testing import CliRunner
 from PIL import Image
 
 from pipeline.__main__ import cli
+from pipeline.errors import PipelineError
 from pipeline.params import load_params
 from pipeline.render import Renderer
 from pipeline.shards import iter_tar
@@ -79,9 +82,9 @@ def test_invalid_files_stop_the_stage_and_are_all_reported(workdir):
     result = CliRunner().invoke(cli, ["ingest", "captchas"])
     assert result.exit_code == 2
     assert result.output.strip().splitlines()[-1].startswith("error: captchas: 5 invalid")
-    report = json.loads((workdir / "reports/ingest.json").read_text())
+    report = json.loads((workdir / "reports/ingest.invalid.json").read_text())
     assert {x["file"] for x in report["invalid"]} == INVALID
-    assert not (workdir / "data").exists()
+    assert not (workdir / "data").exists() and not (workdir / "reports/ingest.json").exists()
     assert expected  # the valid ones are written once the bad ones are skipped:
     result = CliRunner().invoke(cli, ["ingest", "captchas", "--skip-invalid"])
     assert result.exit_code == 0, result.output
@@ -105,6 +108,13 @@ def test_labels_from_csv_and_case_folding(workdir):
     for i, (name, label) in enumerate(labels.items()):
         (folder / name).write_bytes(encode(label.upper(), i, "JPEG" if name.endswith("jpg") else "PNG"))
     (workdir / "labels.csv").write_text("path,label\n" + "".join(f"{k},{v}\n" for k, v in labels.items()))
+    write_params(workdir, {"ingest": {"labels": "labels.csv", "case": "keep"}})
+    params = load_params("params.yaml")
+    with pytest.raises(PipelineError):
+        ingest(params.data, params.ingest, source=folder)
+    report = json.loads((workdir / "reports/ingest.invalid.json").read_text())
+    assert report["invalid"] == [{"file": "a.png", "reason": "characters not in data.charset: 'ab' "
+                                  "(set ingest.case: upper to fold the labels to upper case)"}]
     write_params(workdir, {"ingest": {"labels": "labels.csv", "case": "upper"}})
     params = load_params("params.yaml")
     ingest(params.data, params.ingest, source=folder)
@@ -139,7 +149,9 @@ def test_tiny_end_to_end_with_both_sources(tiny_copy):
         (folder / f"{label}_{i}.png").parent.mkdir(exist_ok=True)
         (folder / f"{label}_{i}.png").write_bytes(encode(label, 1000 + i))  # LABEL_n.png naming
     sources = {"data/manifest.parquet": 1, "data/ingest/manifest.parquet": 2}
-    write_params(tiny_copy, {"train": {"sources": sources, "init_from": "models/model.pt"}})
+    (tiny_copy / "pretrained").mkdir()
+    shutil.copy(tiny_copy / "models/model.pt", tiny_copy / "pretrained/model.pt")
+    write_params(tiny_copy, {"train": {"sources": sources, "init_from": "pretrained/model.pt"}})
     params = load_params("params.yaml")
     ingest(params.data, params.ingest, source=folder)
     summary = train(params, progress=False)
@@ -150,9 +162,55 @@ def test_tiny_end_to_end_with_both_sources(tiny_copy):
     assert metrics["n"] == 60 + metrics["per_source"]["ingest"]["n"]
 
 
-def test_init_from_needs_the_same_charset(tiny_copy):
-    from pipeline.errors import PipelineError
+def test_init_from_another_charset_keeps_the_trunk_and_the_shared_rows(tiny_copy):
+    import torch
 
-    write_params(tiny_copy, {"data": {"charset": "0123456789"}, "train": {"init_from": "models/model.pt"}})
-    with pytest.raises(PipelineError, match="train.init_from"):
+    from pipeline import checkpoint
+    from pipeline.stages.train import Paths, build
+
+    (tiny_copy / "pretrained").mkdir()
+    shutil.copy(tiny_copy / "models/model.pt", tiny_copy / "pretrained/model.pt")
+    old = checkpoint.read(tiny_copy / "pretrained/model.pt")
+    charset = "0123456789abc"  # digits shared with the pretrained 0-9A-Z, three letters new
+    folder = tiny_copy / "site"
+    folder.mkdir()
+    for i in range(60):
+        label = "".join(charset[(i * 7 + j * 3) % len(charset)] for j in range(4))
+        (folder / f"{label}_{i}.png").write_bytes(encode(label, 3000 + i))
+    write_params(tiny_copy, {"data": {"charset": charset},
+                             "ingest": {"source": "site", "case": "keep"},
+                             "train": {"init_from": "pretrained/model.pt"}})
+    only_ingested = yaml.safe_load(Path("params.yaml").read_text())
+    only_ingested["train"]["sources"] = {"data/ingest/manifest.parquet": 1}
+    Path("params.yaml").write_text(yaml.safe_dump(only_ingested))
+    model = build(load_params("params.yaml"), Paths())
+    new = model.state_dict()
+    trunk = [k for k in new if "classifier" not in k]
+    assert trunk and all(torch.equal(new[k], old["state_dict"][k]) for k in trunk)
+    weight = next(k for k in new if k.endswith("classifier.weight"))
+    assert new[weight].shape[0] == len(charset) + 1
+    assert torch.equal(new[weight][:11], old["state_dict"][weight][:11])  # the blank and 0-9
+    assert not any(torch.equal(new[weight][11 + i], old["state_dict"][weight][11 + i]) for i in range(3))
+    params = load_params("params.yaml")
+    ingest(params.data, params.ingest)
+    assert train(params, progress=False)["images_seen"] > 0
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"init_from": "models/model.pt"}, "is this stage's own output"),
+    ({"init_from": "models/last.pt"}, "is this stage's own output"),
+])
+def test_init_from_refuses_the_stages_own_outputs(tiny_copy, override, message):
+
+    write_params(tiny_copy, {"train": override})
+    with pytest.raises(PipelineError, match=message):
+        train(load_params("params.yaml"), progress=False)
+
+
+def test_init_from_another_arch_is_one_line(tiny_copy):
+
+    (tiny_copy / "pretrained").mkdir()
+    shutil.copy(tiny_copy / "models/model.pt", tiny_copy / "pretrained/model.pt")
+    write_params(tiny_copy, {"model": {"fast": {"hidden": 32}}, "train": {"init_from": "pretrained/model.pt"}})
+    with pytest.raises(PipelineError, match="train.init_from: pretrained/model.pt is arch 'fast'"):
         train(load_params("params.yaml"), progress=False)

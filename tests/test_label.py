@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from benchmarks.labelling import find_browser, headless_chromium
+from pipeline.labels import read_labels_file
 from pipeline.render import Renderer
-from pipeline.stages.ingest import read_labels_file
 from pipeline.stages.label import COLUMNS, create_app, open_session, read_answers
 from tests.conftest import REPO
 

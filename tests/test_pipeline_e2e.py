@@ -92,12 +92,12 @@ def test_label_ingest_and_fine_tune_loop(repo):
     session = open_session(site, dest / "models/model.pt", None, who="test")
     for item in session.items[:-1]:  # a person answers all but one
         session.answer(item.path, truth[item.path], "labelled")
-    shutil.copy(dest / "models/model.pt", dest / "pretrained.pt")
+    shutil.copy(dest / "models/model.pt", dest / "pretrained/model.pt")
     params = yaml.safe_load((dest / "params.yaml").read_text())
     params["train"]["sources"] = {"data/manifest.parquet": 1, "data/ingest/manifest.parquet": 4}
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     log = dvc(repo, "exp", "run", "-S", "ingest.source=site", "-S", "ingest.labels=site/labels.csv",
-              "-S", "train.init_from=pretrained.pt")
+              "-S", "train.init_from=pretrained/model.pt")
     assert "Running stage 'ingest'" in log and "Running stage 'train'" in log
     report = json.loads((dest / "reports/ingest.json").read_text())
     assert report["kept"] == 39 and len(report["unlabelled"]) == 1 and not report["invalid"]

@@ -16,9 +16,13 @@ from tqdm import tqdm
 from pipeline import checkpoint
 from pipeline.device import pick_device, pick_precision
 from pipeline.files import atomic_write, check_writable, file_sha256, write_json
+from pipeline.errors import PipelineError
 from pipeline.inference import predict_batches
+from pipeline.labels import list_folder
 from pipeline.metrics import align, compute_metrics
 from pipeline.params import Params
+from pipeline.preprocess import load_image
+from pipeline.recognizer import Recognizer
 from pipeline.shards import ShardStream, iter_tar, loader_workers, make_loader
 from pipeline.sources import load_sources, require_shards
 
@@ -31,9 +35,11 @@ class Paths:
     errors: Path = Path("reports/errors.png")
 
 
-def evaluate(params: Params, paths: Paths = Paths(), progress: bool = True) -> dict:
+def evaluate(params: Params, paths: Paths = Paths(), progress: bool = True, write: bool = True) -> dict:
+    """Score paths.model on the test split of train.sources; `write`: the stage's reports too."""
     settings = params.evaluate
-    check_writable(*{p.parent for p in (paths.metrics, paths.confusion, paths.errors)})
+    if write:
+        check_writable(*{p.parent for p in (paths.metrics, paths.confusion, paths.errors)})
     bundle = checkpoint.load(paths.model)
     device = pick_device(settings.device, "evaluate.device")
     precision = pick_precision(settings.precision, device, "evaluate.precision")
@@ -76,12 +82,41 @@ def evaluate(params: Params, paths: Paths = Paths(), progress: bool = True) -> d
             idx = [i for i, k in enumerate(keys) if key_source[k] == name]
             sub = compute_metrics([truths[i] for i in idx], [preds[i] for i in idx], [confs[i] for i in idx])
             metrics["per_source"][name] = {k: sub[k] for k in ("seq_accuracy", "char_accuracy", "cer", "n")}
-    write_json(paths.metrics, metrics)
-    write_confusion(paths.confusion, truths, preds)
-    errors = [(k, t, p, c) for k, t, p, c in zip(keys, truths, preds, confs) if t != p][: settings.error_grid]
-    write_error_grid(paths.errors, errors, shards)
+    if write:
+        write_json(paths.metrics, metrics)
+        write_confusion(paths.confusion, truths, preds)
+        errors = [(k, t, p, c) for k, t, p, c in zip(keys, truths, preds, confs) if t != p][: settings.error_grid]
+        write_error_grid(paths.errors, errors, shards)
     print(f"test: seq accuracy {metrics['seq_accuracy']:.4f}, char accuracy {metrics['char_accuracy']:.4f}, "
           f"CER {metrics['cer']:.4f}, n {metrics['n']}", file=sys.stderr)
+    return metrics
+
+
+def score_folder(model: Path, folder: Path, labels: Path | None, pattern: str, thresholds: list[float],
+                 case: str | None = None, batch_size: int = 64) -> dict:
+    """Score a checkpoint on a labelled folder (labels from `labels`, the `label` command's CSV
+    included, or from file names by `pattern`); with `case`, letters compare case-insensitively."""
+    listing = list_folder(folder, pattern, labels)
+    if not listing.labelled:
+        raise PipelineError(f"{folder}: no labelled images to score")
+    recognizer = Recognizer(model, onnx=False)
+    truths, preds, confs = [], [], []
+    for start in range(0, len(listing.labelled), batch_size):
+        chunk = listing.labelled[start:start + batch_size]
+        images = []
+        for rel, _ in chunk:
+            try:
+                images.append(load_image(folder / rel))
+            except (OSError, ValueError) as e:
+                raise PipelineError(f"{folder / rel}: {e}") from None
+        for (_, label), prediction in zip(chunk, recognizer.predict(images, case=case)):
+            truths.append(label.upper() if case == "upper" else label.lower() if case == "lower" else label)
+            preds.append(prediction.text)
+            confs.append(prediction.confidence)
+    metrics = compute_metrics(truths, preds, confs, thresholds)
+    metrics.update({"model": str(model), "model_sha256": recognizer.model_sha256, "folder": str(folder),
+                    "left_out": {"invalid": len(listing.invalid), "unlabelled": len(listing.unlabelled),
+                                 "unreadable": len(listing.unreadable)}})
     return metrics
 
 

@@ -6,10 +6,8 @@ hash of its bytes, so adding images never moves an existing one, and duplicates 
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
-import re
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -17,8 +15,9 @@ from pathlib import Path
 
 from pipeline.errors import PipelineError
 from pipeline.files import check_writable, write_json
+from pipeline.labels import list_folder
 from pipeline.params import DataParams, IngestParams
-from pipeline.preprocess import IMAGE_SUFFIXES, ImageError, decode_image
+from pipeline.preprocess import ImageError, decode_image
 from pipeline.shards import Sample, scan_shards, shard_path, write_manifest, write_shard
 
 
@@ -45,80 +44,27 @@ class Candidate:
     digest: str  # sha256 of the original bytes
 
 
-def read_labels_file(path: Path) -> tuple[dict[str, str], set[str]]:
-    """CSV or TSV of path,label (a header row `path,label` is optional): ({path: label}, paths left out).
-
-    The `label` command's CSV has more columns (status, who, when, the model's reading): rows whose
-    status is `unreadable` are left out, a later row for a path replaces an earlier one, and a row
-    with fewer columns than the header (torn by a killed server) is ignored.
-    """
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except OSError as e:
-        raise PipelineError(f"{path}: cannot read labels file ({e.strerror})") from None
-    dialect = "excel-tab" if path.suffix.lower() == ".tsv" or "\t" in text.split("\n", 1)[0] else "excel"
-    rows = list(csv.reader(io.StringIO(text), dialect))
-    header = [c.strip().lower() for c in rows[0]] if rows else []
-    columns = {"path": 0, "label": 1}
-    if header[:2] == ["path", "label"] or {"path", "label"} <= set(header):
-        columns = {name: header.index(name) for name in ("path", "label", "status") if name in header}
-        rows = rows[1:]
-        start = 2
-    else:
-        start = 1
-    labels, left_out = {}, set()
-    for i, row in enumerate(rows, start):
-        if not row:
-            continue
-        if len(row) < 2:
-            raise PipelineError(f"{path}:{i}: expected path and label columns")
-        if len(header) > 2 and len(row) < len(header):
-            continue  # torn
-        name = row[columns["path"]].strip().replace("\\", "/")
-        if "status" in columns and row[columns["status"]].strip() == "unreadable":
-            labels.pop(name, None)
-            left_out.add(name)
-            continue
-        labels[name] = row[columns["label"]].strip()
-        left_out.discard(name)
-    return labels, left_out
-
-
 def collect(source: Path, ip: IngestParams, labels_file: Path | None) -> tuple[list[Candidate], Report]:
-    if not source.is_dir():
-        raise PipelineError(f"{source}: ingest source folder not found (ingest.source)")
-    report = Report()
-    files = sorted(p for p in source.rglob("*") if p.is_file() and not p.name.startswith("."))
-    table, left_out = read_labels_file(labels_file) if labels_file else (None, set())
-    pattern = re.compile(ip.pattern)
+    listing = list_folder(source, ip.pattern, labels_file, what="ingest source folder (ingest.source)")
+    report = Report(invalid=listing.invalid, ignored=listing.ignored, unlabelled=listing.unlabelled,
+                    unreadable=listing.unreadable)
     candidates = []
-    for path in files:
-        rel = path.relative_to(source).as_posix()
-        if path.suffix.lower() not in IMAGE_SUFFIXES:
-            if not (labels_file and path.resolve() == labels_file.resolve()):
-                report.ignored.append(rel)
-            continue
-        if table is not None:
-            label = table.get(rel)
-            if label is None:  # not labelled yet, or marked unreadable: left out, not an error
-                (report.unreadable if rel in left_out else report.unlabelled).append(rel)
-                continue
-        else:
-            match = pattern.search(path.name)
-            label = match.group("label") if match else None
-            if label is None:
-                report.invalid.append({"file": rel, "reason": f"file name does not match ingest.pattern {ip.pattern!r}"})
-                continue
-        data = path.read_bytes()
+    for rel, label in listing.labelled:
+        data = (source / rel).read_bytes()
         candidates.append(Candidate(rel, label, data, hashlib.sha256(data).hexdigest()))
-    if table is not None:
-        listed = set(table) - {c.file for c in candidates} - {x["file"] for x in report.invalid}
-        report.invalid += [{"file": f, "reason": "listed in the labels file but not found"} for f in sorted(listed)]
     return candidates, report
 
 
 def fold(label: str, case: str) -> str:
     return {"keep": label, "upper": label.upper(), "lower": label.lower()}[case]
+
+
+def case_hint(unknown: str, charset: str, case: str) -> str:
+    """How to fold the labels when that would put every unknown character in the charset."""
+    for fix in ("upper", "lower"):
+        if case != fix and all(fold(ch, fix) in charset for ch in unknown):
+            return f" (set ingest.case: {fix} to fold the labels to {fix} case)"
+    return ""
 
 
 def screen(candidates: list[Candidate], data: DataParams, ip: IngestParams, report: Report) -> list[Candidate]:
@@ -131,7 +77,7 @@ def screen(candidates: list[Candidate], data: DataParams, ip: IngestParams, repo
         if not label:
             reason = "empty label"
         elif unknown:
-            reason = f"characters not in data.charset: {unknown!r}"
+            reason = f"characters not in data.charset: {unknown!r}" + case_hint(unknown, data.charset, ip.case)
         elif len(label) > data.max_length:
             reason = f"label of {len(label)} characters is longer than data.max_length {data.max_length}"
         else:
@@ -198,10 +144,11 @@ def ingest(data: DataParams, ip: IngestParams, source: Path | None = None, label
     if report.invalid:
         for bad in report.invalid:
             print(f"{bad['file']}: {bad['reason']}", file=sys.stderr)
-        if not skip_invalid:
-            write_json(report_path, report.to_dict())
+        if not skip_invalid:  # the stage's own report (a DVC output) stays as the last run left it
+            failed_path = report_path.with_suffix(".invalid.json")
+            write_json(failed_path, report.to_dict())
             raise PipelineError(f"{source}: {len(report.invalid)} invalid file(s), listed above and in "
-                                f"{report_path}; fix them or pass --skip-invalid")
+                                f"{failed_path}; fix them or pass --skip-invalid")
     out = Path(ip.out)
     root = out / "shards"
     splits: dict[str, list[Candidate]] = {"train": [], "val": [], "test": []}

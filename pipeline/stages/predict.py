@@ -28,7 +28,7 @@ def expand_inputs(inputs: Iterable[str]) -> Iterator[Path]:
 
 
 def predict_paths(recognizer: Recognizer, paths: Iterable[Path], out: TextIO = sys.stdout,
-                  batch_size: int = 64, beam: int = 1, allowed: str | None = None) -> int:
+                  batch_size: int = 64, beam: int = 1, allowed: str | None = None, case: str | None = None) -> int:
     """Write one JSON object per path; return the number of unreadable files."""
     failures = 0
     batch: list[tuple[Path, object]] = []
@@ -37,7 +37,7 @@ def predict_paths(recognizer: Recognizer, paths: Iterable[Path], out: TextIO = s
         if not batch:
             return
         arrays = recognizer.preprocess.batch([img for _, img in batch])
-        for (path, _), pred in zip(batch, recognizer.predict_arrays(arrays, beam, allowed)):
+        for (path, _), pred in zip(batch, recognizer.predict_arrays(arrays, beam, allowed, case)):
             out.write(json.dumps({"path": str(path), "text": pred.text, "confidence": round(pred.confidence, 6)}) + "\n")
         out.flush()
         batch.clear()

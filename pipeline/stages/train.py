@@ -28,7 +28,7 @@ from tqdm import tqdm
 from pipeline import checkpoint
 from pipeline.charset import Charset
 from pipeline.device import autocast, pick_device, pick_precision
-from pipeline.errors import PipelineError
+from pipeline.errors import ParamsError, PipelineError
 from pipeline.files import check_writable, write_json, write_text
 from pipeline.inference import predict_batches
 from pipeline.models import build_model
@@ -36,6 +36,7 @@ from pipeline.params import Params, TrainParams
 from pipeline.preprocess import Preprocess
 from pipeline.shards import ShardStream, loader_workers, make_loader
 from pipeline.sources import load_sources, require_shards, shards_of
+from pipeline.transfer import carry_weights
 
 
 @dataclass(frozen=True)
@@ -145,16 +146,24 @@ class Run:
                                                  "first_step_s": 0.0})
 
 
-def build(params: Params) -> nn.Module:
-    """The model, from scratch or from train.init_from (same arch, settings and charset)."""
+def build(params: Params, paths: Paths) -> nn.Module:
+    """The model, from scratch or from train.init_from (same arch and settings; a checkpoint of
+    another charset gives its trunk and the output rows of the characters both share)."""
     mp, data, tp = params.model, params.data, params.train
     model = build_model(mp.arch, mp.settings, len(data.charset) + 1, data.max_length)
     if tp.init_from:
-        init = checkpoint.read(Path(tp.init_from))
-        if init["charset"] != data.charset or init["arch"] != mp.arch or init["settings"] != mp.settings_dict():
-            raise PipelineError(f"train.init_from: {tp.init_from} was trained with arch {init['arch']!r}, "
-                                f"charset {init['charset']!r}; these params differ")
-        model.load_state_dict(init["state_dict"])
+        source = Path(tp.init_from)
+        if source.resolve() in (paths.model.resolve(), paths.last.resolve()):
+            raise ParamsError(f"train.init_from: {source} is this stage's own output, which DVC deletes "
+                              f"before training; copy it (e.g. to pretrained/) and fine-tune from the copy")
+        init = checkpoint.read(source)
+        if init["arch"] != mp.arch or init["settings"] != mp.settings_dict():
+            raise ParamsError(f"train.init_from: {source} is arch {init['arch']!r} with settings {init['settings']}; "
+                              f"model.arch and model.{mp.arch} must match them")
+        new = carry_weights(model, init["state_dict"], init["charset"], data.charset, str(source))
+        if new:
+            print(f"train.init_from: {source}: {len(new)} characters new to it start fresh: {''.join(new)!r}",
+                  file=sys.stderr)
     return model
 
 
@@ -165,7 +174,7 @@ def set_up(params: Params, ranks: Ranks, paths: Paths) -> Run:
     torch.manual_seed(tp.seed)
     charset = Charset(data.charset)
     preprocess = Preprocess.of(mp.settings)
-    model = build(params)
+    model = build(params, paths)
     # channels-last convolutions: measured 1.02x-1.22x faster training on the dev CPU (docs/benchmarks.md)
     model.to(device, memory_format=torch.channels_last)
 

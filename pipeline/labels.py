@@ -1,0 +1,94 @@
+"""Labelled folders: a folder of captcha images and their labels, from a CSV/TSV of path,label
+(the `label` command's CSV included) or from the file names. ingest and `evaluate --folder` read
+folders through here."""
+from __future__ import annotations
+
+import csv
+import io
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+from pipeline.preprocess import IMAGE_SUFFIXES
+
+
+def read_labels_file(path: Path) -> tuple[dict[str, str], set[str]]:
+    """CSV or TSV of path,label (a header row `path,label` is optional): ({path: label}, paths left out).
+
+    The `label` command's CSV has more columns (status, who, when, the model's reading): rows whose
+    status is `unreadable` are left out, a later row for a path replaces an earlier one, and a row
+    with fewer columns than the header (torn by a killed server) is ignored.
+    """
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except OSError as e:
+        raise PipelineError(f"{path}: cannot read labels file ({e.strerror})") from None
+    dialect = "excel-tab" if path.suffix.lower() == ".tsv" or "\t" in text.split("\n", 1)[0] else "excel"
+    rows = list(csv.reader(io.StringIO(text), dialect))
+    header = [c.strip().lower() for c in rows[0]] if rows else []
+    columns = {"path": 0, "label": 1}
+    if header[:2] == ["path", "label"] or {"path", "label"} <= set(header):
+        columns = {name: header.index(name) for name in ("path", "label", "status") if name in header}
+        rows = rows[1:]
+        start = 2
+    else:
+        start = 1
+    labels, left_out = {}, set()
+    for i, row in enumerate(rows, start):
+        if not row:
+            continue
+        if len(row) < 2:
+            raise PipelineError(f"{path}:{i}: expected path and label columns")
+        if len(header) > 2 and len(row) < len(header):
+            continue  # torn
+        name = row[columns["path"]].strip().replace("\\", "/")
+        if "status" in columns and row[columns["status"]].strip() == "unreadable":
+            labels.pop(name, None)
+            left_out.add(name)
+            continue
+        labels[name] = row[columns["label"]].strip()
+        left_out.discard(name)
+    return labels, left_out
+
+
+@dataclass
+class Listing:
+    labelled: list[tuple[str, str]] = field(default_factory=list)  # (path relative to the folder, label)
+    invalid: list[dict] = field(default_factory=list)  # {"file", "reason"}
+    ignored: list[str] = field(default_factory=list)  # files that are not images by extension
+    unlabelled: list[str] = field(default_factory=list)  # images the labels file does not list (yet)
+    unreadable: list[str] = field(default_factory=list)  # images the labels file marks unreadable
+
+
+def list_folder(folder: Path, pattern: str, labels_file: Path | None = None, what: str = "folder") -> Listing:
+    """Every image of `folder` (recursively, hidden files skipped) with its label: from `labels_file`
+    when given, else from its file name (`pattern`, a regex with a `label` group)."""
+    if not folder.is_dir():
+        raise PipelineError(f"{folder}: {what} not found")
+    listing = Listing()
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    table, left_out = read_labels_file(labels_file) if labels_file else (None, set())
+    regex = re.compile(pattern)
+    for path in files:
+        rel = path.relative_to(folder).as_posix()
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            if not (labels_file and path.resolve() == labels_file.resolve()):
+                listing.ignored.append(rel)
+            continue
+        if table is not None:
+            label = table.get(rel)
+            if label is None:  # not labelled yet, or marked unreadable: left out, not an error
+                (listing.unreadable if rel in left_out else listing.unlabelled).append(rel)
+                continue
+        else:
+            match = regex.search(path.name)
+            label = match.group("label") if match else None
+            if label is None:
+                listing.invalid.append({"file": rel, "reason": f"file name does not match ingest.pattern {pattern!r}"})
+                continue
+        listing.labelled.append((rel, label))
+    if table is not None:
+        listed = set(table) - {rel for rel, _ in listing.labelled} - {x["file"] for x in listing.invalid}
+        listing.invalid += [{"file": f, "reason": "listed in the labels file but not found"} for f in sorted(listed)]
+    return listing

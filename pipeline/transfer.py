@@ -1,0 +1,40 @@
+"""Fine-tuning from a checkpoint whose charset differs: the trunk is kept whole; the output
+layer keeps its rows for the characters both charsets share (and the CTC blank), while new
+characters start from the layer's fresh initialisation."""
+from __future__ import annotations
+
+from torch import nn
+
+from pipeline.errors import PipelineError
+
+CLASS_ROWS = "classifier."  # CTC models: one output row per class (blank first)
+POSITION_ROWS = "heads."  # multihead: rows are position x class; kept only for the same charset
+
+
+def carry_weights(model: nn.Module, state: dict, old_chars: str, new_chars: str, source: str) -> list[str]:
+    """Load `state` (trained with `old_chars`) into `model` (built for `new_chars`); return the
+    characters that start fresh."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    if missing:
+        raise PipelineError(f"train.init_from: {source} lacks {missing[0]} (and {len(missing) - 1} more tensors)")
+    old_row = {c: i + 1 for i, c in enumerate(old_chars)}
+    rows = [0] + [old_row.get(c) for c in new_chars]  # new class -> old class, or None for a new character
+    loaded = {}
+    for key, fresh in own.items():
+        old = state[key]
+        if key.rsplit(".", 2)[-2] + "." == CLASS_ROWS:
+            new = fresh.clone()
+            for j, i in enumerate(rows):
+                if i is not None:
+                    new[j] = old[i]
+            loaded[key] = new
+        elif key.startswith(POSITION_ROWS) and old_chars != new_chars:
+            loaded[key] = fresh
+        elif old.shape != fresh.shape:
+            raise PipelineError(f"train.init_from: {source}: {key} is {tuple(old.shape)}, the model needs "
+                                f"{tuple(fresh.shape)}")
+        else:
+            loaded[key] = old
+    model.load_state_dict(loaded)
+    return [c for c, i in zip(new_chars, rows[1:]) if i is None]

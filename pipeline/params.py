@@ -152,7 +152,8 @@ class DataParams:
     max_length: int
     width: int  # rendered image size
     height: int
-    fonts: list[str]  # TrueType files; empty: the font bundled with `captcha`
+    style: str  # captcha | mixed (pipeline/styles.py)
+    fonts: list[str]  # TrueType files; empty: the style's own
     font_sizes: list[int]
     seed: int
     workers: int
@@ -168,6 +169,7 @@ class DataParams:
         _positive(self, prefix, "min_length", "max_length", "width", "height", "workers", "shard_size")
         require(self.min_length <= self.max_length, f"{prefix}.min_length",
                 f"{self.min_length} is greater than max_length {self.max_length}")
+        require(self.style in ("captcha", "mixed"), f"{prefix}.style", f"must be captcha or mixed, got {self.style!r}")
         require(bool(self.font_sizes), f"{prefix}.font_sizes", "must not be empty")
         for i, size in enumerate(self.font_sizes):
             require(size > 0, f"{prefix}.font_sizes[{i}]", f"must be positive, got {size}")

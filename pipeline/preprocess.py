@@ -74,11 +74,12 @@ class Preprocess:
     channels: int  # 1 or 3
     mean: float = 0.5
     std: float = 0.5
+    keep_aspect: bool = False  # checkpoints written before it squashed every image to height x width
 
     @classmethod
     def of(cls, settings) -> "Preprocess":
-        """The input of a model's settings (anything with height, width and channels)."""
-        return cls(settings.height, settings.width, settings.channels)
+        """The input of a model's settings (height, width, channels, keep_aspect)."""
+        return cls(settings.height, settings.width, settings.channels, keep_aspect=settings.keep_aspect)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -93,9 +94,15 @@ class Preprocess:
         box = None
         if rng is not None and augment > 0 and rng.random() < augment:
             box = _random_crop(pil.size, rng)
-        pil = pil.resize((self.width, self.height), Image.Resampling.BILINEAR, box=box)
+        width = self.width
+        if self.keep_aspect:  # the height fixed, the width as the aspect ratio gives, up to self.width
+            w, h = (box[2] - box[0], box[3] - box[1]) if box else pil.size
+            width = max(1, min(self.width, round(w * self.height / h)))
+        pil = pil.resize((width, self.height), Image.Resampling.BILINEAR, box=box)
         arr = np.asarray(pil, dtype=np.float32)
         arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+        if width < self.width:  # pad on the right with the last column: no edge the model could read
+            arr = np.pad(arr, ((0, 0), (0, 0), (0, self.width - width)), mode="edge")
         return (arr * (1 / 255) - self.mean) * (1 / self.std)
 
     def batch(self, images) -> np.ndarray:

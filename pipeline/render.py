@@ -12,9 +12,8 @@ import random
 
 import captcha.image
 from captcha.image import ImageCaptcha
-from PIL import Image, ImageFont
+from PIL import Image
 
-from pipeline.errors import ParamsError
 from pipeline.params import DataParams
 
 
@@ -63,18 +62,3 @@ class Renderer:
         # compress_level 1: a third of the default's encoding time for ~15% larger files
         self.image(text, seed).save(out, format="PNG", compress_level=1)
         return out.getvalue()
-
-
-def check_fonts_cover(data: DataParams) -> None:
-    """Raise ParamsError if a font cannot draw a character of the charset."""
-    fonts = data.fonts or captcha.image.DEFAULT_FONTS
-    for i, path in enumerate(fonts):
-        try:
-            font = ImageFont.truetype(path, 32)
-        except OSError as e:
-            raise ParamsError(f"data.fonts[{i}]: cannot load font {path} ({e})") from None
-        # A missing glyph renders as the font's .notdef box: the same bitmap for every such char.
-        notdef = bytes(font.getmask("\U000f0000"))
-        missing = [c for c in data.charset if bytes(font.getmask(c)) == notdef]
-        if missing:
-            raise ParamsError(f"data.charset: font {path} cannot draw {''.join(missing)!r}")

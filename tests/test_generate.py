@@ -6,6 +6,7 @@ import tarfile
 from collections import Counter
 from pathlib import Path
 
+import captcha.image
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
@@ -29,13 +30,15 @@ def run_generate(folder: Path, override: dict, *args: str):
                               catch_exceptions=False)
 
 
-def test_same_bytes_whatever_the_workers(tmp_path, monkeypatch):
+@pytest.mark.parametrize("style", ["captcha", "mixed"])
+def test_same_bytes_whatever_the_workers(tmp_path, monkeypatch, style):
     trees = []
     for workers in (1, 2):
         folder = tmp_path / f"w{workers}"
         folder.mkdir()
         monkeypatch.chdir(folder)
-        result = run_generate(folder, {**SMALL, "data": {**SMALL["data"], "workers": workers}})
+        data = {**SMALL["data"], "workers": workers, "style": style, "fonts": captcha.image.DEFAULT_FONTS}
+        result = run_generate(folder, {**SMALL, "data": data})
         assert result.exit_code == 0, result.output
         trees.append(tree_bytes(folder / "data"))
     assert trees[0] == trees[1]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import random
 
+import captcha.image
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -66,9 +67,11 @@ def dependence(labels: list[str], features: np.ndarray, permutations: int = 200)
     return worst
 
 
-def test_generated_images_do_not_predict_their_labels(tmp_path, monkeypatch):
+@pytest.mark.parametrize("style", ["captcha", "mixed"])
+def test_generated_images_do_not_predict_their_labels(tmp_path, monkeypatch, style):
     monkeypatch.chdir(tmp_path)
     params = load_params(write_params(tmp_path, {"data": {
+        "style": style, "fonts": captcha.image.DEFAULT_FONTS,
         "min_length": 4, "max_length": 4, "shard_size": 500, "splits": {"train": 2000, "val": 0, "test": 0}}}))
     generate(params.data, progress=False)
     labels, features = [], []

@@ -188,3 +188,20 @@ def test_model_reports_only_its_own_metrics(recognizer, tmp_path):
     assert "test_metrics" not in app.test_client().get("/model").json
     metrics.write_text(json.dumps({"seq_accuracy": 0.5, "n": 10, "model_sha256": recognizer.model_sha256}))
     assert app.test_client().get("/model").json["test_metrics"]["seq_accuracy"] == 0.5
+
+
+def test_keep_aspect_resizes_to_the_height_and_pads_the_width():
+    from pipeline.preprocess import Preprocess
+
+    keep = Preprocess(32, 160, 1, keep_aspect=True)
+    gradient = np.tile(np.linspace(0, 255, 120, dtype=np.uint8), (40, 1))  # 120 x 40: aspect 3
+    arr = keep(Image.fromarray(gradient))
+    assert arr.shape == (1, 32, 160)
+    # 96 columns of the image (3 x 32), then the last column repeated
+    assert np.allclose(arr[0, :, 96:], arr[0, :, 95:96])
+    assert arr[0, 0, 94] < arr[0, 0, 95]
+    squash = Preprocess(32, 160, 1)
+    assert not np.allclose(squash(Image.fromarray(gradient))[0, :, 100:], arr[0, :, 100:])
+    # wider than the input allows: squashed to the full width, nothing cut off
+    wide = keep(Image.fromarray(np.tile(np.linspace(0, 255, 1000, dtype=np.uint8), (40, 1))))
+    assert wide[0, 0, -1] > wide[0, 0, -2] and wide[0, 0, 0] < wide[0, 0, 1]

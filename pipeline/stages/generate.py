@@ -22,9 +22,9 @@ from tqdm import tqdm
 from pipeline.errors import PipelineError
 from pipeline.files import check_writable, folder_lock, remove_stale_temp_files
 from pipeline.params import DataParams
-from pipeline.render import Renderer, check_fonts_cover
 from pipeline.seeds import derive_seed
 from pipeline.shards import Sample, scan_shards, shard_path, write_manifest, write_shard
+from pipeline.styles import check_fonts, renderer_for
 
 SHARDS_DIR = Path("data/shards")
 MANIFEST = Path("data/manifest.parquet")
@@ -56,7 +56,7 @@ def sample_spec(data: DataParams, split: str, i: int) -> tuple[str, str, int]:
 
 
 def render_shard(data: DataParams, job: ShardJob, root: Path) -> int:
-    renderer = Renderer.from_params(data)
+    renderer = renderer_for(data)
 
     def samples():
         for i in range(job.start, job.start + job.count):
@@ -83,7 +83,7 @@ def generate(data: DataParams, shards: str | None = None, manifest_only: bool = 
              root: Path = SHARDS_DIR, manifest: Path = MANIFEST, progress: bool = True) -> dict:
     """Render the shards (all, or a range with `shards`), then write the manifest. A full run or
     --manifest-only locks the folder for itself; --shards runs share it with each other only."""
-    check_fonts_cover(data)
+    check_fonts(data)
     with folder_lock(root, exclusive=shards is None):
         # before anything is deleted: a folder we cannot write must not cost the manifest
         check_writable(manifest.parent, *([] if manifest_only else [root, *sorted(root.glob("*/"))]))

@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_INDEX ?=
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install repro test bench bench-accuracy clean-venv
+.PHONY: install repro test bench bench-accuracy bench-yardstick clean-venv
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,11 @@ bench: install
 
 bench-accuracy: install
 	$(BIN)/python -m benchmarks.accuracy
+
+# unseen captcha styles: the model zero-shot and fine-tuned on 1,000 labels, and ddddocr
+bench-yardstick: install
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[yardstick]'
+	$(BIN)/python -m benchmarks.yardstick --model models/model.pt --ddddocr --finetune 1000 --minutes 4
 
 clean-venv:
 	rm -rf $(VENV)

@@ -40,9 +40,13 @@ def cli():
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def generate(params_path, shards, manifest_only, quiet):
     """Render synthetic captchas into data/shards/ and write data/manifest.parquet."""
-    from pipeline.stages.generate import generate as run
+    from pipeline.stages.generate import MANIFEST, generate as run, write_nothing_rendered
 
-    run(load_params(params_path).data, shards=shards, manifest_only=manifest_only, progress=not quiet)
+    params = load_params(params_path)
+    if str(MANIFEST) not in params.train.sources:  # e.g. fine-tuning on ingested captchas alone
+        write_nothing_rendered()
+        return
+    run(params.data, shards=shards, manifest_only=manifest_only, progress=not quiet)
 
 
 @cli.command()
@@ -165,6 +169,17 @@ def label(folder, model_path, labels, accept_above, user, host, port):
     from pipeline.stages.label import label as run
 
     run(folder, model_path, labels, host, port, accept_above, who=user)
+
+
+@cli.command()
+@click.argument("name")
+@params_option
+def profile(name, params_path):
+    """Write a named set of params (profiles/NAME.yaml: general, finetune) into params.yaml."""
+    from pipeline.stages.profile import apply_profile
+
+    changed = apply_profile(name, params_path)
+    click.echo(f"{params_path}: " + (", ".join(changed) if changed else "nothing to change"))
 
 
 def main():

@@ -295,10 +295,12 @@ class IngestParams:
     case: str  # keep | upper | lower: fold labels before checking the charset
     fractions: dict[str, float]
     shard_size: int
+    max_height: int  # store taller images scaled down to this height (aspect kept); 0: as they are
     out: str
 
     def check(self, prefix: str) -> None:
         _positive(self, prefix, "shard_size")
+        require(self.max_height >= 0, f"{prefix}.max_height", f"must be >= 0, got {self.max_height}")
         _one_of(self, prefix, "case", ("keep", "upper", "lower"))
         require(not set(self.fractions) - {"train", "val", "test"}, f"{prefix}.fractions", "keys must be train, val, test")
         require(all(v >= 0 for v in self.fractions.values()) and abs(sum(self.fractions.values()) - 1) <= 1e-6,

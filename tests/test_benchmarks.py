@@ -1,7 +1,7 @@
-"""The benchmark report's tables (the figures themselves are measured by `make bench`, not here)."""
+"""The benchmarks: report tables, and the yardstick's styles and fine-tuning path (the figures themselves are measured by `make bench` and `make bench-yardstick`, not here)."""
 from benchmarks.speed import format_tables, train_rate
 from pipeline.models import ARCHS
-from tests.conftest import default_params
+from tests.conftest import REPO, default_params
 
 
 def fake_report() -> dict:
@@ -86,3 +86,18 @@ def test_record_run_renders_a_prefix_that_is_an_ordinary_dataset(tmp_path):
     generate(final.data, root=tmp_path / "again", manifest=tmp_path / "again.parquet", progress=False)
     for shard in ("train/train-000000.tar", "train/train-000001.tar", "test/test-000000.tar"):
         assert (tmp_path / "again" / shard).read_bytes() == (tmp_path / "data/shards" / shard).read_bytes()
+
+
+def test_yardstick_styles_are_deterministic_and_fine_tuning_runs(tiny_dataset, tmp_path):
+    from benchmarks.yardstick import STYLES, accuracy, fine_tune, read_with_model, render_style
+
+    for name in STYLES:
+        first = render_style(name, "test", 3)
+        assert first == render_style(name, "test", 3), name
+        assert first != render_style(name, "train", 3), name
+        assert all(label.isalnum() for label, _ in first)
+    train = render_style("digits", "train", 40)
+    tuned = fine_tune(tiny_dataset / "models/model.pt", tiny_dataset / "models/model.pt", train, 0.002,
+                      tmp_path / "work", REPO)
+    readings, _ = read_with_model(tuned, [png for _, png in train[:5]])
+    assert len(readings) == 5 and 0 <= accuracy([t for t, _ in train[:5]], readings) <= 1

@@ -9,6 +9,7 @@ from pathlib import Path
 import captcha.image
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from pipeline.__main__ import cli
@@ -139,7 +140,7 @@ def test_bad_params_exit_2_naming_the_key(tmp_path, monkeypatch, override, key):
 @pytest.mark.parametrize("section, key", [("train", "epochs"), ("data", "seed"), ("model", "fast")])
 def test_a_missing_key_is_an_error_not_a_default(tmp_path, monkeypatch, section, key):
     """params.yaml is the only place defaults live: without a key, no stage guesses one."""
-    import yaml
+
 
     monkeypatch.chdir(tmp_path)
     raw = yaml.safe_load(write_params(tmp_path).read_text())
@@ -229,3 +230,50 @@ def test_two_runs_never_write_one_folder_and_stale_temp_files_go(tmp_path, monke
     assert not stale.exists() and live.exists()  # a live writer's file is left alone
     assert CliRunner().invoke(cli, ["generate", "--quiet"]).exit_code == 0
     assert not list((tmp_path / "data").rglob("*.tmp-*"))
+
+
+def test_nothing_is_rendered_when_training_reads_no_synthetic_data(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path)
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["train"]["sources"] = {"data/ingest/manifest.parquet": 1}
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    result = CliRunner().invoke(cli, ["generate", "--quiet"])
+    assert result.exit_code == 0 and "no synthetic data rendered" in result.output
+    assert pq.read_table("data/manifest.parquet").num_rows == 0
+    assert [p.name for p in Path("data/shards").iterdir()] == ["NOT_RENDERED"]
+
+
+@pytest.mark.parametrize("name", ["general", "finetune"])
+def test_profiles_write_their_keys_and_keep_the_rest(tmp_path, monkeypatch, name):
+    import shutil
+
+    from tests.conftest import REPO
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(REPO / "params.yaml", "params.yaml")
+    before = Path("params.yaml").read_text()
+    result = CliRunner().invoke(cli, ["profile", name])
+    assert result.exit_code == 0, result.output
+    params = load_params(Path("params.yaml"))
+    profile = yaml.safe_load((REPO / "profiles" / f"{name}.yaml").read_text())
+    assert dict(params.train.sources) == profile["train"]["sources"]
+    assert params.model.settings.keep_aspect is True and params.model.settings.width == 160
+    assert "# Grouped by stage" in Path("params.yaml").read_text() != before  # comments kept
+
+
+def test_a_bad_profile_changes_nothing(tmp_path, monkeypatch):
+    import shutil
+
+    from tests.conftest import REPO
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(REPO / "params.yaml", "params.yaml")
+    before = Path("params.yaml").read_text()
+    Path("bad.yaml").write_text("train: {lr: -1.0}\n")
+    result = CliRunner().invoke(cli, ["profile", "bad.yaml"])
+    assert result.exit_code == 2 and result.output.startswith("error: train.lr")
+    Path("bad.yaml").write_text("train: {learning_rate: 1.0}\n")
+    result = CliRunner().invoke(cli, ["profile", "bad.yaml"])
+    assert result.exit_code == 2 and "train.learning_rate: not a key" in result.output
+    assert Path("params.yaml").read_text() == before

@@ -214,3 +214,17 @@ def test_init_from_another_arch_is_one_line(tiny_copy):
     write_params(tiny_copy, {"model": {"fast": {"hidden": 32}}, "train": {"init_from": "pretrained/model.pt"}})
     with pytest.raises(PipelineError, match="train.init_from: pretrained/model.pt is arch 'fast'"):
         train(load_params("params.yaml"), progress=False)
+
+
+def test_tall_images_are_stored_scaled_down_to_max_height(workdir):
+    folder = workdir / "big"
+    folder.mkdir()
+    big = Image.open(io.BytesIO(encode("AB12", 1))).resize((640, 320))
+    big.save(folder / "AB12_0.png")
+    Image.open(io.BytesIO(encode("CD34", 2))).save(folder / "CD34_0.png")  # 128x64: kept as it is
+    write_params(workdir, {"ingest": {"max_height": 64}})
+    params = load_params("params.yaml")
+    ingest(params.data, params.ingest, source=folder)
+    sizes = {s["txt"].decode(): Image.open(io.BytesIO(s["png"])).size
+             for shard in (workdir / "data/ingest").rglob("*.tar") for s in iter_tar(shard)}
+    assert sizes == {"AB12": (128, 64), "CD34": (128, 64)}

@@ -20,7 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipeline.errors import PipelineError
-from pipeline.files import check_writable, folder_lock, remove_stale_temp_files
+from pipeline.files import check_writable, folder_lock, remove_stale_temp_files, write_text
 from pipeline.params import DataParams
 from pipeline.seeds import derive_seed
 from pipeline.shards import Sample, scan_shards, shard_path, write_manifest, write_shard
@@ -92,6 +92,20 @@ def generate(data: DataParams, shards: str | None = None, manifest_only: bool = 
                 stale.unlink(missing_ok=True)
         remove_stale_temp_files(root, any_writer=shards is None)
         return _generate(data, shards, manifest_only, root, manifest, progress)
+
+
+def write_nothing_rendered(root: Path = SHARDS_DIR, manifest: Path = MANIFEST) -> None:
+    """The stage's outputs when training reads no synthetic data: an empty manifest, and a note
+    in the shards folder (so that DVC has a folder to track), in seconds instead of minutes."""
+    with folder_lock(root, exclusive=True):
+        check_writable(manifest.parent, root)
+        manifest.unlink(missing_ok=True)
+        if root.exists():
+            shutil.rmtree(root)
+        root.mkdir(parents=True)
+        write_text(root / "NOT_RENDERED", f"train.sources does not read {manifest}: nothing rendered.\n")
+        write_manifest([], manifest)
+    print(f"{manifest} is not in train.sources: no synthetic data rendered", file=sys.stderr)
 
 
 def _generate(data: DataParams, shards: str | None, manifest_only: bool, root: Path, manifest: Path,

@@ -1,0 +1,240 @@
+"""The yardstick: captcha styles that no model of this project trains on, as evaluation data only.
+
+Five styles, each from another generator or font than the synthetic data uses: `claptcha`,
+`wheezy.captcha` and `multicolorcaptcha` (PyPI packages), the `captcha` package with serif fonts
+and lower-case labels (`serif`), and a plain digits style (`digits`). Their fonts are
+pipeline.styles.YARDSTICK_FONTS and multicolorcaptcha's own: the `mixed` style never draws them.
+
+Per style it reports full-sequence accuracy, letters compared case-insensitively (most sites
+accept either case; `ddddocr` answers in lower case): a model zero-shot, `ddddocr` zero-shot, and,
+with --finetune N, the model fine-tuned on N labelled images of the style (rendered from their
+own seeds, never the test images') for --minutes, through the real ingest and train stages with
+the shipped profiles/finetune.yaml; --scratch adds the same training from scratch.
+
+    python -m benchmarks.yardstick --model models/model.pt --ddddocr [--finetune 1000 --minutes 4 --scratch]
+
+Needs the benchmark extras: pip install -c constraints.txt -e '.[yardstick]'.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import random
+import shutil
+import string
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import yaml
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+from pipeline import checkpoint
+from pipeline.files import write_json
+from pipeline.params import load_params
+from pipeline.recognizer import Recognizer
+from pipeline.render import Renderer
+from pipeline.seeds import derive_seed
+from pipeline.styles import DEJAVU, LIBERATION
+
+ALNUM = string.digits + string.ascii_uppercase + string.ascii_lowercase
+
+
+def random_label(rng: random.Random, chars: str, lengths: tuple[int, int]) -> str:
+    return "".join(rng.choice(chars) for _ in range(rng.randint(*lengths)))
+
+
+@contextlib.contextmanager
+def seeded_global_random(seed: int):
+    """The generators below draw from the `random` module itself: seed it for one image."""
+    state = random.getstate()
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(state)
+
+
+def claptcha_style(label_rng, seed):
+    from claptcha import Claptcha
+
+    if not hasattr(ImageFont.FreeTypeFont, "getsize"):  # claptcha 0.3.3 predates Pillow 10
+        ImageFont.FreeTypeFont.getsize = lambda self, text: self.getbbox(text)[2:]
+    label = random_label(label_rng, ALNUM, (4, 6))
+    with seeded_global_random(seed):
+        _, image = Claptcha(label, f"{LIBERATION}/LiberationSerif-Regular.ttf", size=(200, 80), noise=0.3).image
+    return label, image
+
+
+def wheezy_style(label_rng, seed):
+    from wheezy.captcha import image as wz
+
+    label = random_label(label_rng, ALNUM, (4, 5))
+    draw = wz.captcha(drawings=[
+        wz.background(), wz.text(fonts=[f"{LIBERATION}/LiberationSans-Bold.ttf"],
+                                 drawings=[wz.warp(), wz.rotate(), wz.offset()]),
+        wz.curve(), wz.noise(), wz.smooth()], width=200, height=75)
+    with seeded_global_random(seed):
+        return label, draw(list(label))
+
+
+def multicolor_style(label_rng, seed):
+    from multicolorcaptcha import CaptchaGenerator
+
+    # the library picks the text itself, from the same stream as its drawing
+    with seeded_global_random(seed):
+        captcha = CaptchaGenerator(2).gen_captcha_image(difficult_level=label_rng.randint(1, 3), chars_mode="ascii")
+    return captcha.characters, captcha.image
+
+
+def serif_style(label_rng, seed):
+    label = random_label(label_rng, string.digits + string.ascii_lowercase, (5, 6))
+    renderer = Renderer(180, 60, [f"{DEJAVU}/DejaVuSerif.ttf", f"{DEJAVU}/DejaVuSerif-Bold.ttf"], [40, 46])
+    return label, renderer.image(label, seed)
+
+
+def digits_style(label_rng, seed):
+    label = random_label(label_rng, string.digits, (4, 6))
+    rng = random.Random(seed)
+    font = ImageFont.truetype(f"{LIBERATION}/LiberationSans-Regular.ttf", rng.randint(24, 30))
+    image = Image.new("RGB", (120, 40), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    x = rng.randint(4, 14)
+    for c in label:
+        draw.text((x, rng.randint(2, 8)), c, font=font, fill=(rng.randint(0, 90),) * 3)
+        x += font.getbbox(c)[2] + rng.randint(0, 4)
+    for _ in range(rng.randint(1, 3)):
+        draw.line([(0, rng.randint(0, 40)), (120, rng.randint(0, 40))], fill=(150, 150, 150), width=1)
+    return label, image.filter(ImageFilter.GaussianBlur(0.5))
+
+
+STYLES: dict[str, Callable] = {"claptcha": claptcha_style, "wheezy": wheezy_style,
+                               "multicolor": multicolor_style, "serif": serif_style, "digits": digits_style}
+
+
+def render_style(name: str, split: str, n: int, seed: int = 0) -> list[tuple[str, bytes]]:
+    """n (label, PNG bytes) of a style; label and rendering from independent seeds where the
+    generator lets them be."""
+    out = []
+    for i in range(n):
+        label_rng = random.Random(derive_seed(seed, "yardstick", name, split, i, "label"))
+        label, image = STYLES[name](label_rng, derive_seed(seed, "yardstick", name, split, i, "render"))
+        buffer = io.BytesIO()
+        image.save(buffer, "PNG")  # as a site would serve it, transparency included
+        out.append((label, buffer.getvalue()))
+    return out
+
+
+def accuracy(labels: list[str], readings: list[str]) -> float:
+    return sum(a.upper() == b.upper() for a, b in zip(labels, readings)) / len(labels)
+
+
+def read_with_model(model: Path, images: list[bytes]) -> tuple[list[str], float]:
+    recognizer = Recognizer(model, onnx=False)
+    started = time.perf_counter()
+    readings = [p.text for p in recognizer.predict(images, case="upper")]
+    return readings, (time.perf_counter() - started) / len(images) * 1e3
+
+
+def read_with_ddddocr(images: list[bytes]) -> tuple[list[str], float]:
+    import ddddocr
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        ocr = ddddocr.DdddOcr(show_ad=False)
+    started = time.perf_counter()
+    readings = [ocr.classification(image) for image in images]
+    return readings, (time.perf_counter() - started) / len(images) * 1e3
+
+
+def fine_tune(model: Path | None, pretrained_like: Path, train: list[tuple[str, bytes]], minutes: float,
+              workdir: Path, repo: Path) -> Path:
+    """Ingest `train` and train on it alone for `minutes` with the shipped fine-tune profile
+    (profiles/finetune.yaml), from `model` or from scratch with the same architecture, in
+    `workdir`; returns the new checkpoint."""
+    from pipeline.stages.ingest import ingest
+    from pipeline.stages.profile import apply_profile
+    from pipeline.stages.train import train as run_train
+
+    ckpt = checkpoint.read(pretrained_like)
+    folder = workdir / "labelled"
+    folder.mkdir(parents=True)
+    for i, (label, png) in enumerate(train):
+        (folder / f"{label}_{i}.png").write_bytes(png)
+    shutil.copy(repo / "params.yaml", workdir / "params.yaml")
+    apply_profile("finetune", workdir / "params.yaml")
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    params["data"].update(charset=ckpt["charset"], max_length=max(8, ckpt["max_length"]))
+    params["model"]["arch"] = ckpt["arch"]
+    params["model"][ckpt["arch"]] = ckpt["settings"]
+    params["ingest"].update(source=str(folder), labels="")
+    params["train"].update(max_minutes=minutes, init_from="")
+    if model is not None:
+        (workdir / "pretrained").mkdir()
+        shutil.copy(model, workdir / "pretrained/model.pt")
+        params["train"]["init_from"] = "pretrained/model.pt"
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    try:
+        loaded = load_params(Path("params.yaml"))
+        ingest(loaded.data, loaded.ingest, skip_invalid=True)
+        run_train(loaded, progress=False)
+    finally:
+        os.chdir(cwd)
+    return workdir / "models/model.pt"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, action="append", help="checkpoint(s) to score zero-shot; the first is fine-tuned")
+    parser.add_argument("--n", type=int, default=500, help="test images per style")
+    parser.add_argument("--styles", default=",".join(STYLES))
+    parser.add_argument("--ddddocr", action="store_true", help="score ddddocr too")
+    parser.add_argument("--finetune", type=int, action="append", default=[], help="labelled images to fine-tune on")
+    parser.add_argument("--minutes", type=float, default=4.0, help="training minutes per fine-tune")
+    parser.add_argument("--scratch", action="store_true", help="also train from scratch on the same images")
+    parser.add_argument("--out", type=Path, default=Path("reports/yardstick.json"))
+    args = parser.parse_args()
+    repo = Path(__file__).resolve().parents[1]
+    models = args.model or [Path("models/model.pt")]
+    report = {"date": time.strftime("%Y-%m-%d"), "n": args.n, "models": [str(m) for m in models],
+              "minutes": args.minutes, "styles": {}}
+    for name in args.styles.split(","):
+        test = render_style(name, "test", args.n)
+        labels, images = [t for t, _ in test], [png for _, png in test]
+        row = report["styles"][name] = {}
+        for model in models:
+            readings, ms = read_with_model(model, images)
+            row[f"zero-shot {model}"] = accuracy(labels, readings)
+            print(f"{name}: {model} zero-shot {row[f'zero-shot {model}']:.3f} ({ms:.1f} ms/img)", flush=True)
+        if args.ddddocr:
+            readings, ms = read_with_ddddocr(images)
+            row["ddddocr"], row["ddddocr_ms"] = accuracy(labels, readings), ms
+            print(f"{name}: ddddocr {row['ddddocr']:.3f} ({ms:.1f} ms/img)", flush=True)
+        for n_labels in args.finetune:
+            train = render_style(name, "train", n_labels)
+            for start in [models[0]] + ([None] if args.scratch else []):
+                with tempfile.TemporaryDirectory() as tmp:
+                    tuned = fine_tune(start, models[0], train, args.minutes, Path(tmp), repo)
+                    readings, _ = read_with_model(tuned, images)
+                key = f"{'fine-tuned' if start else 'scratch'} {n_labels}"
+                row[key] = accuracy(labels, readings)
+                print(f"{name}: {key} labels, {args.minutes} min: {row[key]:.3f}", flush=True)
+        write_json(args.out, report)
+    print(format_table(report))
+
+
+def format_table(report: dict) -> str:
+    columns = list(dict.fromkeys(k for row in report["styles"].values() for k in row if not k.endswith("_ms")))
+    out = ["| style | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for name, row in report["styles"].items():
+        out.append(f"| {name} | " + " | ".join(f"{100 * row[c]:.1f}%" if c in row else "" for c in columns) + " |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

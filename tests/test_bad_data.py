@@ -3,7 +3,6 @@ with one line naming the shard, sample, manifest or file (exit 2), never a worke
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -12,9 +11,9 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from tests.conftest import write_params
 from pipeline.__main__ import cli
 from pipeline.shards import Sample, iter_tar, write_shard
+from tests.conftest import write_params
 
 SHARD = Path("data/shards/train/train-000000.tar")
 

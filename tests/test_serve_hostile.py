@@ -21,7 +21,6 @@ import pytest
 from PIL import Image
 
 from pipeline.recognizer import Recognizer
-from pipeline.render import Renderer
 from pipeline.stages import serve as serve_module
 from pipeline.stages.serve import Limits, create_app, make_server
 

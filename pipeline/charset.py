@@ -13,6 +13,11 @@ import torch
 import torch.nn.functional as F
 
 
+def fold_text(text: str, case: str | None) -> str:
+    """`text` in `case` ("upper" or "lower"); None or "keep" leaves it as it is."""
+    return text.upper() if case == "upper" else text.lower() if case == "lower" else text
+
+
 @dataclass(frozen=True)
 class Charset:
     chars: str

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.charset import Charset, decode
+from pipeline.charset import Charset, decode, fold_text
 from pipeline.device import autocast
 
 CPU = torch.device("cpu")
@@ -43,9 +43,7 @@ def decode_texts(probs: np.ndarray, charset: Charset, ctc: bool, beam: int = 1,
         probs = probs / probs.sum(-1, keepdims=True)
     probs = charset.fold_case(probs, case)
     texts = [(charset.decode(ids), conf) for ids, conf in decode(probs, beam, collapse_repeats=ctc)]
-    if case:
-        texts = [(text.upper() if case == "upper" else text.lower(), conf) for text, conf in texts]
-    return texts
+    return [(fold_text(text, case), conf) for text, conf in texts]
 
 
 def predict_batches(model: nn.Module, batches: Iterable, device: torch.device, precision: str,

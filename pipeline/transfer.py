@@ -7,8 +7,8 @@ from torch import nn
 
 from pipeline.errors import PipelineError
 
-CLASS_ROWS = "classifier."  # CTC models: one output row per class (blank first)
-POSITION_ROWS = "heads."  # multihead: rows are position x class; kept only for the same charset
+CLASS_ROWS = "classifier"  # CTC models' output layer: one row per class (blank first)
+POSITION_ROWS = "heads"  # multihead's: rows are position x class; kept only for the same charset
 
 
 def carry_weights(model: nn.Module, state: dict, old_chars: str, new_chars: str, source: str) -> list[str]:
@@ -22,14 +22,14 @@ def carry_weights(model: nn.Module, state: dict, old_chars: str, new_chars: str,
     rows = [0] + [old_row.get(c) for c in new_chars]  # new class -> old class, or None for a new character
     loaded = {}
     for key, fresh in own.items():
-        old = state[key]
-        if key.rsplit(".", 2)[-2] + "." == CLASS_ROWS:
+        old, module = state[key], key.split(".")[-2]
+        if module == CLASS_ROWS:
             new = fresh.clone()
             for j, i in enumerate(rows):
                 if i is not None:
                     new[j] = old[i]
             loaded[key] = new
-        elif key.startswith(POSITION_ROWS) and old_chars != new_chars:
+        elif module == POSITION_ROWS and old_chars != new_chars:
             loaded[key] = fresh
         elif old.shape != fresh.shape:
             raise PipelineError(f"train.init_from: {source}: {key} is {tuple(old.shape)}, the model needs "

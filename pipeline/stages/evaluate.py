@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from pipeline import checkpoint
+from pipeline.charset import fold_text
 from pipeline.device import pick_device, pick_precision
 from pipeline.files import atomic_write, check_writable, file_sha256, write_json
 from pipeline.errors import PipelineError
@@ -110,7 +111,7 @@ def score_folder(model: Path, folder: Path, labels: Path | None, pattern: str, t
             except (OSError, ValueError) as e:
                 raise PipelineError(f"{folder / rel}: {e}") from None
         for (_, label), prediction in zip(chunk, recognizer.predict(images, case=case)):
-            truths.append(label.upper() if case == "upper" else label.lower() if case == "lower" else label)
+            truths.append(fold_text(label, case))
             preds.append(prediction.text)
             confs.append(prediction.confidence)
     metrics = compute_metrics(truths, preds, confs, thresholds)

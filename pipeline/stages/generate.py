@@ -94,14 +94,18 @@ def generate(data: DataParams, shards: str | None = None, manifest_only: bool = 
         return _generate(data, shards, manifest_only, root, manifest, progress)
 
 
+def clear_outputs(root: Path, manifest: Path) -> None:
+    manifest.unlink(missing_ok=True)
+    if root.exists():
+        shutil.rmtree(root)
+
+
 def write_nothing_rendered(root: Path = SHARDS_DIR, manifest: Path = MANIFEST) -> None:
     """The stage's outputs when training reads no synthetic data: an empty manifest, and a note
     in the shards folder (so that DVC has a folder to track), in seconds instead of minutes."""
     with folder_lock(root, exclusive=True):
         check_writable(manifest.parent, root)
-        manifest.unlink(missing_ok=True)
-        if root.exists():
-            shutil.rmtree(root)
+        clear_outputs(root, manifest)
         root.mkdir(parents=True)
         write_text(root / "NOT_RENDERED", f"train.sources does not read {manifest}: nothing rendered.\n")
         write_manifest([], manifest)
@@ -115,9 +119,7 @@ def _generate(data: DataParams, shards: str | None, manifest_only: bool, root: P
     if not manifest_only:
         selected = jobs if shards is None else [jobs[i] for i in parse_range(shards, len(jobs))]
         if shards is None:  # a full run replaces every shard and the manifest, stale ones included
-            manifest.unlink(missing_ok=True)
-            if root.exists():
-                shutil.rmtree(root)
+            clear_outputs(root, manifest)
         _render(data, selected, root, progress)
         if shards is not None:
             print(f"rendered {len(selected)} of {len(jobs)} shards; when all are done, "

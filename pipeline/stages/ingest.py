@@ -15,6 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from pipeline.charset import fold_text
 from pipeline.errors import PipelineError
 from pipeline.files import check_writable, write_json
 from pipeline.labels import list_folder
@@ -57,14 +58,10 @@ def collect(source: Path, ip: IngestParams, labels_file: Path | None) -> tuple[l
     return candidates, report
 
 
-def fold(label: str, case: str) -> str:
-    return {"keep": label, "upper": label.upper(), "lower": label.lower()}[case]
-
-
 def case_hint(unknown: str, charset: str, case: str) -> str:
     """How to fold the labels when that would put every unknown character in the charset."""
     for fix in ("upper", "lower"):
-        if case != fix and all(fold(ch, fix) in charset for ch in unknown):
+        if case != fix and all(fold_text(ch, fix) in charset for ch in unknown):
             return f" (set ingest.case: {fix} to fold the labels to {fix} case)"
     return ""
 
@@ -73,7 +70,7 @@ def screen(candidates: list[Candidate], data: DataParams, ip: IngestParams, repo
     """Drop (and report) bad labels, unreadable images, conflicts; keep one of each duplicate."""
     good: list[Candidate] = []
     for c in candidates:
-        label = fold(c.label, ip.case)
+        label = fold_text(c.label, ip.case)
         unknown = "".join(dict.fromkeys(ch for ch in label if ch not in data.charset))
         reason = None
         if not label:

@@ -236,7 +236,7 @@ class TrainParams:
     patience: int  # epochs without val improvement before stopping; 0 = never
     max_minutes: float  # training-time budget, also driving the lr schedule; 0 = none
     shuffle_buffer: int
-    augment: float  # probability of a random shift/scale of a training image
+    augment: float  # probability that a training image is distorted (shift, zoom, slant, blur, tone, noise)
     compile: bool
     resume: bool
     init_from: str  # a checkpoint to fine-tune from
@@ -296,10 +296,19 @@ class IngestParams:
     fractions: dict[str, float]
     shard_size: int
     max_height: int  # store taller images scaled down to this height (aspect kept); 0: as they are
+    max_length: int  # longest label kept; 0: data.max_length
+    extra_chars: str  # characters labels may hold beyond data.charset (the model reads them too)
     out: str
+
+    def charset(self, data: DataParams) -> str:
+        """The characters a label may hold: data.charset, then extra_chars it lacks."""
+        return data.charset + "".join(c for c in dict.fromkeys(self.extra_chars) if c not in data.charset)
 
     def check(self, prefix: str) -> None:
         _positive(self, prefix, "shard_size")
+        require(self.max_length >= 0, f"{prefix}.max_length", f"must be >= 0, got {self.max_length}")
+        bad = [c for c in self.extra_chars if not c.isprintable() or c.isspace()]
+        require(not bad, f"{prefix}.extra_chars", f"whitespace or unprintable characters {bad!r}")
         require(self.max_height >= 0, f"{prefix}.max_height", f"must be >= 0, got {self.max_height}")
         _one_of(self, prefix, "case", ("keep", "upper", "lower"))
         require(not set(self.fractions) - {"train", "val", "test"}, f"{prefix}.fractions", "keys must be train, val, test")
@@ -330,6 +339,16 @@ class Params:
     export: ExportParams
     ingest: IngestParams
 
+    @property
+    def label_max_length(self) -> int:
+        """The longest label a model must read: the synthetic ones' or the ingested ones'."""
+        return max(self.data.max_length, self.ingest.max_length)
+
+    @property
+    def model_charset(self) -> str:
+        """The characters a model reads: data.charset (the synthetic labels') and ingest.extra_chars."""
+        return self.ingest.charset(self.data)
+
 
 def load_params(path: str | Path = "params.yaml") -> Params:
     raw = read_yaml(Path(path))
@@ -339,4 +358,5 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     for key in known:
         require(key in raw, key, f"section missing from {path}")
     values = {name: from_mapping(cls, raw[name], name) for name, cls in SECTIONS.items()}
-    return Params(model=model_params(raw["model"], values["data"].max_length), **values)
+    longest = max(values["data"].max_length, values["ingest"].max_length)
+    return Params(model=model_params(raw["model"], longest), **values)

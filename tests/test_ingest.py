@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 from click.testing import CliRunner
 from PIL import Image
@@ -228,3 +229,33 @@ def test_tall_images_are_stored_scaled_down_to_max_height(workdir):
     sizes = {s["txt"].decode(): Image.open(io.BytesIO(s["png"])).size
              for shard in (workdir / "data/ingest").rglob("*.tar") for s in iter_tar(shard)}
     assert sizes == {"AB12": (128, 64), "CD34": (128, 64)}
+
+
+def test_ingested_labels_have_their_own_length_and_charset_bounds(workdir):
+    folder = workdir / "long"
+    folder.mkdir()
+    for i, label in enumerate(["ABCDEFG", "AB12", "ABCDEFGHJ", "AB@1", "AB#1"]):
+        (folder / f"{label}_{i}.png").write_bytes(encode(label.replace("@", "A").replace("#", "A"), i))
+    # data.max_length (5) and data.charset bound the synthetic labels; ingest's own the ingested ones
+    raw = yaml.safe_load(write_params(workdir, {"ingest": {"max_length": 8, "extra_chars": "@A"}}).read_text())
+    raw["ingest"]["fractions"] = {"train": 1.0}
+    raw["train"]["sources"] = {"data/ingest/manifest.parquet": 1}
+    (workdir / "params.yaml").write_text(yaml.safe_dump(raw))
+    params = load_params("params.yaml")
+    assert params.data.max_length == 5 and params.label_max_length == 8
+    assert params.model_charset == params.data.charset + "@"
+    with pytest.raises(PipelineError):
+        ingest(params.data, params.ingest, source=folder)
+    report = json.loads((workdir / "reports/ingest.invalid.json").read_text())
+    assert report["invalid"] == [
+        {"file": "AB#1_4.png", "reason": "characters not in data.charset + ingest.extra_chars: '#'"},
+        {"file": "ABCDEFGHJ_2.png", "reason": "label of 9 characters is longer than ingest.max_length 8"}]
+    ingest(params.data, params.ingest, source=folder, skip_invalid=True)
+    assert sorted(shard_labels(workdir / "data/ingest").values()) == ["AB12", "AB@1", "ABCDEFG"]
+    train(params, progress=False)  # the model is built, and recorded, for both
+    saved = torch.load("models/model.pt", weights_only=True)
+    assert saved["max_length"] == 8 and saved["charset"] == params.data.charset + "@"
+    # the model's width is checked against the longer bound
+    write_params(workdir, {"ingest": {"max_length": 30}})
+    with pytest.raises(PipelineError, match="model.fast.width: .* labels of 30"):
+        load_params("params.yaml")

@@ -49,7 +49,7 @@ def evaluate(params: Params, paths: Paths = Paths(), progress: bool = True, writ
     sources = load_sources(params.train.sources)
     shards = require_shards(sources, "test", "evaluate")
     key_source = {key: source.name for source in sources for key in source.keys("test")}
-    for warning in charset_warnings(bundle.charset.chars, params.data.charset, paths.model, sources):
+    for warning in charset_warnings(bundle.charset.chars, params.model_charset, paths.model, sources):
         print(f"warning: {warning}", file=sys.stderr)
     n_total = sum(n for _, n in shards)
 

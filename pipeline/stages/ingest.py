@@ -69,16 +69,19 @@ def case_hint(unknown: str, charset: str, case: str) -> str:
 def screen(candidates: list[Candidate], data: DataParams, ip: IngestParams, report: Report) -> list[Candidate]:
     """Drop (and report) bad labels, unreadable images, conflicts; keep one of each duplicate."""
     good: list[Candidate] = []
+    charset = ip.charset(data)
+    charset_key = "data.charset" + (" + ingest.extra_chars" if ip.extra_chars else "")
+    longest, longest_key = (ip.max_length, "ingest.max_length") if ip.max_length else (data.max_length, "data.max_length")
     for c in candidates:
         label = fold_text(c.label, ip.case)
-        unknown = "".join(dict.fromkeys(ch for ch in label if ch not in data.charset))
+        unknown = "".join(dict.fromkeys(ch for ch in label if ch not in charset))
         reason = None
         if not label:
             reason = "empty label"
         elif unknown:
-            reason = f"characters not in data.charset: {unknown!r}" + case_hint(unknown, data.charset, ip.case)
-        elif len(label) > data.max_length:
-            reason = f"label of {len(label)} characters is longer than data.max_length {data.max_length}"
+            reason = f"characters not in {charset_key}: {unknown!r}" + case_hint(unknown, charset, ip.case)
+        elif len(label) > longest:
+            reason = f"label of {len(label)} characters is longer than {longest_key} {longest}"
         else:
             reason = check_image(c.data)
         if reason:

@@ -89,7 +89,9 @@ def test_record_run_renders_a_prefix_that_is_an_ordinary_dataset(tmp_path):
 
 
 def test_yardstick_styles_are_deterministic_and_fine_tuning_runs(tiny_dataset, tmp_path):
-    from benchmarks.yardstick import STYLES, accuracy, fine_tune, read_with_model, render_style
+    from benchmarks.yardstick import STYLES, accuracy, doubled_read_once, fine_tune, read_with_model, render_style
+
+    assert doubled_read_once(["AAB1", "xXy", "ABC", "AAB2"], ["AB1", "XY", "AB", "AAB2"]) == "2 of 3"
 
     for name in STYLES:
         first = render_style(name, "test", 3)

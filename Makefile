@@ -32,7 +32,7 @@ bench-accuracy: install
 # unseen captcha styles: the model zero-shot and fine-tuned on 1,000 labels, and ddddocr
 bench-yardstick: install
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[yardstick]'
-	$(BIN)/python -m benchmarks.yardstick --model models/model.pt --ddddocr --finetune 1000 --minutes 3 --scratch
+	$(BIN)/python -m benchmarks.yardstick --model models/model.pt --ddddocr --finetune 1000 --minutes 5 --scratch
 
 clean-venv:
 	rm -rf $(VENV)

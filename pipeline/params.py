@@ -304,6 +304,10 @@ class IngestParams:
         """The characters a label may hold: data.charset, then extra_chars it lacks."""
         return data.charset + "".join(c for c in dict.fromkeys(self.extra_chars) if c not in data.charset)
 
+    def longest(self, data: DataParams) -> int:
+        """The longest label ingest keeps: max_length, or data.max_length when it is 0."""
+        return self.max_length or data.max_length
+
     def check(self, prefix: str) -> None:
         _positive(self, prefix, "shard_size")
         require(self.max_length >= 0, f"{prefix}.max_length", f"must be >= 0, got {self.max_length}")
@@ -341,13 +345,17 @@ class Params:
 
     @property
     def label_max_length(self) -> int:
-        """The longest label a model must read: the synthetic ones' or the ingested ones'."""
-        return max(self.data.max_length, self.ingest.max_length)
+        return label_max_length(self.data, self.ingest)
 
     @property
     def model_charset(self) -> str:
         """The characters a model reads: data.charset (the synthetic labels') and ingest.extra_chars."""
         return self.ingest.charset(self.data)
+
+
+def label_max_length(data: DataParams, ingest: IngestParams) -> int:
+    """The longest label a model must read: the synthetic ones' or the ingested ones'."""
+    return max(data.max_length, ingest.longest(data))
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -358,5 +366,4 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     for key in known:
         require(key in raw, key, f"section missing from {path}")
     values = {name: from_mapping(cls, raw[name], name) for name, cls in SECTIONS.items()}
-    longest = max(values["data"].max_length, values["ingest"].max_length)
-    return Params(model=model_params(raw["model"], longest), **values)
+    return Params(model=model_params(raw["model"], label_max_length(values["data"], values["ingest"])), **values)

@@ -71,7 +71,7 @@ def screen(candidates: list[Candidate], data: DataParams, ip: IngestParams, repo
     good: list[Candidate] = []
     charset = ip.charset(data)
     charset_key = "data.charset" + (" + ingest.extra_chars" if ip.extra_chars else "")
-    longest, longest_key = (ip.max_length, "ingest.max_length") if ip.max_length else (data.max_length, "data.max_length")
+    longest, longest_key = ip.longest(data), "ingest.max_length" if ip.max_length else "data.max_length"
     for c in candidates:
         label = fold_text(c.label, ip.case)
         unknown = "".join(dict.fromkeys(ch for ch in label if ch not in charset))

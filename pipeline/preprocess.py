@@ -76,11 +76,13 @@ class Preprocess:
     mean: float = 0.5
     std: float = 0.5
     keep_aspect: bool = False  # checkpoints written before it squashed every image to height x width
+    trim: bool = False  # and before it could cut away uniform margins
 
     @classmethod
     def of(cls, settings) -> "Preprocess":
-        """The input of a model's settings (height, width, channels, keep_aspect)."""
-        return cls(settings.height, settings.width, settings.channels, keep_aspect=settings.keep_aspect)
+        """The input of a model's settings (height, width, channels, keep_aspect, trim)."""
+        return cls(settings.height, settings.width, settings.channels, keep_aspect=settings.keep_aspect,
+                   trim=settings.trim)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -92,6 +94,8 @@ class Preprocess:
     def __call__(self, image, rng: random.Random | None = None, augment: float = 0.0) -> np.ndarray:
         """One image -> (channels, height, width) float32, normalised."""
         pil = to_model_mode(load_image(image), self.channels)
+        if self.trim:
+            pil = trim_margins(pil)
         box = None
         distort = rng is not None and augment > 0 and rng.random() < augment
         if distort:
@@ -159,6 +163,27 @@ def to_model_mode(pil: Image.Image, channels: int) -> Image.Image:
         pil = Image.alpha_composite(background, pil.convert("RGBA"))
     target = "L" if channels == 1 else "RGB"
     return pil if pil.mode == target else pil.convert(target)
+
+
+def trim_margins(pil: Image.Image, tolerance: int = 8) -> Image.Image:
+    """The image without its outer rows and columns of one colour (their values spread by at most
+    `tolerance`): letterbox bars and blank borders, which would otherwise shrink the text. Repeated
+    until nothing is cut, so a captcha's own margins go too when bars of another colour frame it."""
+    arr = np.asarray(pil, dtype=np.int16)
+    arr = arr[:, :, None] if arr.ndim == 2 else arr
+    top, left, bottom, right = 0, 0, arr.shape[0], arr.shape[1]
+    while True:
+        inner = arr[top:bottom, left:right]
+        rows = np.flatnonzero(np.ptp(inner, axis=1).max(axis=1) > tolerance)  # per channel, then the widest
+        columns = np.flatnonzero(np.ptp(inner, axis=0).max(axis=1) > tolerance)
+        if not len(rows) or not len(columns):  # one colour throughout: nothing to read, nothing to cut
+            break
+        cut = (left + columns[0], top + rows[0], left + columns[-1] + 1, top + rows[-1] + 1)
+        if cut == (left, top, right, bottom):
+            break
+        left, top, right, bottom = (int(v) for v in cut)
+    whole = (left, top, right, bottom) == (0, 0, arr.shape[1], arr.shape[0])
+    return pil if whole else pil.crop((left, top, right, bottom))
 
 
 def _random_slant(pil: Image.Image, rng: random.Random) -> Image.Image:

@@ -4,8 +4,9 @@ prediction, serving and the ONNX path all use). The checkpoint records its setti
 
 Any input is accepted: a path, bytes, a PIL image or a numpy array, of any mode (RGB, RGBA, L,
 LA, P, 1, I;16, I, F) and size. Transparency is composited onto white, 16-bit and float images
-are scaled to 8 bits, then the image is converted to the model's channels and resized to its
-input size (bilinear, with antialiasing when shrinking).
+are scaled to 8 bits, then the image is converted to the model's channels, cut to its content
+when the model trims (uniform margins away) and resized to its input size (bilinear, with
+antialiasing when shrinking).
 """
 from __future__ import annotations
 

@@ -70,9 +70,8 @@ def read(path: Path) -> dict:
     missing = [k for k in REQUIRED if k not in ckpt]
     if missing:
         raise PipelineError(f"{path}: checkpoint lacks {', '.join(missing)}")
-    if isinstance(ckpt["settings"], dict):  # written before inputs could keep their aspect ratio or trim
+    if isinstance(ckpt["settings"], dict):  # written before inputs could keep their aspect ratio
         ckpt["settings"].setdefault("keep_aspect", False)
-        ckpt["settings"].setdefault("trim", False)
     return ckpt
 
 

@@ -4,9 +4,8 @@ prediction, serving and the ONNX path all use). The checkpoint records its setti
 
 Any input is accepted: a path, bytes, a PIL image or a numpy array, of any mode (RGB, RGBA, L,
 LA, P, 1, I;16, I, F) and size. Transparency is composited onto white, 16-bit and float images
-are scaled to 8 bits, then the image is converted to the model's channels, cut to its content
-when the model trims (uniform margins away) and resized to its input size (bilinear, with
-antialiasing when shrinking).
+are scaled to 8 bits, then the image is converted to the model's channels and resized to its
+input size (bilinear, with antialiasing when shrinking).
 """
 from __future__ import annotations
 
@@ -77,13 +76,11 @@ class Preprocess:
     mean: float = 0.5
     std: float = 0.5
     keep_aspect: bool = False  # checkpoints written before it squashed every image to height x width
-    trim: bool = False  # and before it could cut away uniform margins
 
     @classmethod
     def of(cls, settings) -> "Preprocess":
-        """The input of a model's settings (height, width, channels, keep_aspect, trim)."""
-        return cls(settings.height, settings.width, settings.channels, keep_aspect=settings.keep_aspect,
-                   trim=settings.trim)
+        """The input of a model's settings (height, width, channels, keep_aspect)."""
+        return cls(settings.height, settings.width, settings.channels, keep_aspect=settings.keep_aspect)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -95,8 +92,6 @@ class Preprocess:
     def __call__(self, image, rng: random.Random | None = None, augment: float = 0.0) -> np.ndarray:
         """One image -> (channels, height, width) float32, normalised."""
         pil = to_model_mode(load_image(image), self.channels)
-        if self.trim:
-            pil = trim_margins(pil)
         box = None
         distort = rng is not None and augment > 0 and rng.random() < augment
         if distort:
@@ -164,27 +159,6 @@ def to_model_mode(pil: Image.Image, channels: int) -> Image.Image:
         pil = Image.alpha_composite(background, pil.convert("RGBA"))
     target = "L" if channels == 1 else "RGB"
     return pil if pil.mode == target else pil.convert(target)
-
-
-def trim_margins(pil: Image.Image, tolerance: int = 8) -> Image.Image:
-    """The image without its outer rows and columns of one colour (their values spread by at most
-    `tolerance`): letterbox bars and blank borders, which would otherwise shrink the text. Repeated
-    until nothing is cut, so a captcha's own margins go too when bars of another colour frame it."""
-    arr = np.asarray(pil, dtype=np.int16)
-    arr = arr[:, :, None] if arr.ndim == 2 else arr
-    top, left, bottom, right = 0, 0, arr.shape[0], arr.shape[1]
-    while True:
-        inner = arr[top:bottom, left:right]
-        rows = np.flatnonzero(np.ptp(inner, axis=1).max(axis=1) > tolerance)  # per channel, then the widest
-        columns = np.flatnonzero(np.ptp(inner, axis=0).max(axis=1) > tolerance)
-        if not len(rows) or not len(columns):  # one colour throughout: nothing to read, nothing to cut
-            break
-        cut = (left + columns[0], top + rows[0], left + columns[-1] + 1, top + rows[-1] + 1)
-        if cut == (left, top, right, bottom):
-            break
-        left, top, right, bottom = (int(v) for v in cut)
-    whole = (left, top, right, bottom) == (0, 0, arr.shape[1], arr.shape[0])
-    return pil if whole else pil.crop((left, top, right, bottom))
 
 
 def _random_slant(pil: Image.Image, rng: random.Random) -> Image.Image:

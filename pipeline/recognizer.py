@@ -67,8 +67,7 @@ class Recognizer:
         b = self.bundle
         return {"arch": b.arch, "charset": b.charset.chars, "max_length": b.max_length,
                 "input": {"height": b.preprocess.height, "width": b.preprocess.width,
-                          "channels": b.preprocess.channels, "keep_aspect": b.preprocess.keep_aspect,
-                          "trim": b.preprocess.trim},
+                          "channels": b.preprocess.channels, "keep_aspect": b.preprocess.keep_aspect},
                 "backend": self.backend, "trained": b.info}
 
 

@@ -107,16 +107,3 @@ def test_evaluate_scores_another_model_or_a_labelled_folder_and_writes_nothing(t
     assert {p: p.read_bytes() for p in Path("reports").rglob("*") if p.is_file()} == before
     result = CliRunner().invoke(cli, ["evaluate", "--folder", "nowhere"])
     assert result.exit_code == 2 and result.output.strip() == "error: nowhere: folder not found"
-
-
-def test_a_checkpoint_written_before_trim_reads_as_untrimmed(tiny_copy):
-    import torch
-
-    ckpt = torch.load("models/model.pt", weights_only=True)
-    del ckpt["settings"]["trim"], ckpt["preprocess"]["trim"]
-    torch.save(ckpt, "old.pt")
-    old = Recognizer("old.pt", onnx=False)
-    assert old.preprocess.trim is False and old.describe()["input"]["trim"] is False
-    images = [s["png"] for s in iter_tar(next((tiny_copy / "data/shards/test").glob("*.tar")))][:5]
-    new = Recognizer("models/model.pt", onnx=False)
-    assert [p.text for p in old.predict(images)] == [p.text for p in new.predict(images)]

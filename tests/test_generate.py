@@ -114,7 +114,6 @@ def test_labels_honour_charset_and_lengths_and_are_uniform():
     ({"nonsense": {}}, "nonsense"),
     ({"model": {"fast": {"conv": [16, 32, 64]}}}, "model.fast.conv"),
     ({"model": {"fast": {"channels": 2}}}, "model.fast.channels"),
-    ({"model": {"fast": {"trim": "yes"}}}, "model.fast.trim"),
     ({"model": {"fast": {"hidden": -5}}}, "model.fast.hidden"),
     ({"model": {"fast": {"dropout": 1.5}}}, "model.fast.dropout"),
     ({"model": {"fast": {"width": 24}}, "data": {"max_length": 8}}, "model.fast.width"),

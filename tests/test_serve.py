@@ -207,24 +207,6 @@ def test_keep_aspect_resizes_to_the_height_and_pads_the_width():
     assert wide[0, 0, -1] > wide[0, 0, -2] and wide[0, 0, 0] < wide[0, 0, 1]
 
 
-def test_trim_cuts_letterbox_bars_and_blank_borders_before_the_resize():
-    from pipeline.preprocess import Preprocess, trim_margins
-
-    band = np.asarray(Image.open(io.BytesIO(png_bytes("AB12", 3))).convert("RGB"))  # 128 x 64
-    letterboxed = np.zeros((200, 160, 3), np.uint8)  # black bars above, below and either side
-    letterboxed[70:134, 16:144] = band
-    trimmed = trim_margins(Image.fromarray(letterboxed))
-    assert np.array_equal(np.asarray(trimmed), np.asarray(trim_margins(Image.fromarray(band))))
-    assert trim_margins(trimmed).size == trimmed.size < (128, 64)  # the captcha's own blank margins went too
-    trim = Preprocess(32, 160, 1, keep_aspect=True, trim=True)
-    assert np.array_equal(trim(Image.fromarray(letterboxed)), trim(Image.fromarray(band)))
-    assert not np.array_equal(Preprocess(32, 160, 1, keep_aspect=True)(Image.fromarray(letterboxed)),
-                              trim(Image.fromarray(letterboxed)))
-    blank = Image.new("L", (50, 20), 200)  # one colour throughout: kept whole
-    assert trim_margins(blank).size == (50, 20)
-    assert trim(blank).shape == (1, 32, 160)
-
-
 def test_augmentation_is_a_function_of_its_random_stream():
     import random
 

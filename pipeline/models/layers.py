@@ -15,15 +15,12 @@ class InputSettings:
     width: int
     channels: int  # 1: grayscale, 3: RGB
     keep_aspect: bool  # resize to `height` keeping the aspect ratio, pad the width (else squash to height x width)
-    trim: bool  # cut away uniform margins (letterbox bars, blank borders) first
 
     def check(self, prefix: str) -> None:
         require(self.height > 0, f"{prefix}.height", f"must be positive, got {self.height}")
         require(self.width > 0, f"{prefix}.width", f"must be positive, got {self.width}")
         require(self.channels in (1, 3), f"{prefix}.channels", f"must be 1 (gray) or 3 (RGB), got {self.channels}")
-        for name in ("keep_aspect", "trim"):
-            value = getattr(self, name)
-            require(isinstance(value, bool), f"{prefix}.{name}", f"must be true or false, got {value!r}")
+        require(isinstance(self.keep_aspect, bool), f"{prefix}.keep_aspect", f"must be true or false, got {self.keep_aspect!r}")
 
 
 def check_dropout(value: float, key: str) -> None:

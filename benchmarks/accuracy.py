@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 from pipeline.files import write_json, write_text
-from pipeline.models import ARCHS
-from pipeline.params import load_params
+from pipeline.model import ARCHS
+from pipeline.model.settings import load_model_params as load_params
 from pipeline.stages.evaluate import Paths as EvalPaths
 from pipeline.stages.evaluate import evaluate
 from pipeline.stages.generate import generate

@@ -20,18 +20,20 @@ import threading
 import time
 from pathlib import Path
 
+from pipeline.data.captcha_style import Renderer
+from pipeline.data.seeds import derive_seed
 from pipeline.files import write_json
 from pipeline.params import load_params
-from pipeline.render import Renderer
-from pipeline.seeds import derive_seed
-from pipeline.stages.label import create_app, open_session, read_answers
+from pipeline.system_files import CHROMEDRIVER, CHROMIUM
+from pipeline.tools.label import create_app, open_session, read_answers
 
 BROWSER_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync")
 
 
 def find_browser() -> tuple[str | None, str | None]:
-    return shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
+    """Debian's Chromium and its driver (setup/debian.sh installs both), or None where absent."""
+    return tuple(path if Path(path).is_file() else None for path in (CHROMIUM, CHROMEDRIVER))
 
 
 def headless_chromium():

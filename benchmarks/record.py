@@ -21,7 +21,8 @@ from pathlib import Path
 import yaml
 
 from pipeline.files import write_json, write_text
-from pipeline.params import load_params, parse_value, read_yaml
+from pipeline.model.settings import load_model_params as load_params
+from pipeline.params import parse_value, read_yaml
 
 
 def set_dotted(tree: dict, key: str, value) -> None:

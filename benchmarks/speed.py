@@ -22,15 +22,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import checkpoint
 from pipeline.charset import Charset
-from pipeline.device import pick_precision
+from pipeline.data.captcha_style import Renderer
+from pipeline.data.shards import ShardStream, make_loader, read_manifest, split_shards
 from pipeline.files import write_json
-from pipeline.models import ARCHS, build_model
-from pipeline.params import ModelParams, Params, Splits, load_params
-from pipeline.preprocess import Preprocess
-from pipeline.render import Renderer
-from pipeline.shards import ShardStream, make_loader, read_manifest, split_shards
+from pipeline.model import ARCHS, build_model, checkpoint
+from pipeline.model.device import pick_precision
+from pipeline.model.settings import ModelParams
+from pipeline.model.settings import load_model_params as load_params
+from pipeline.params import Params, Splits
+from pipeline.read.preprocess import Preprocess
 from pipeline.stages.export import to_onnx
 from pipeline.stages.generate import generate
 from pipeline.stages.train import make_optimizer, train_step
@@ -143,7 +144,7 @@ def loader_rate(shards: list[str], preprocess: Preprocess, workers: int, images:
 
 def inference(model_path: Path, runs: int) -> dict:
     from pipeline.files import file_sha256
-    from pipeline.recognizer import Recognizer
+    from pipeline.read.recognizer import Recognizer
 
     work = Path(tempfile.mkdtemp())  # a copy, so that models/ (a DVC output) is left alone
     model_path = Path(shutil.copy(model_path, work / "model.pt"))
@@ -260,7 +261,7 @@ def http_load(model_path: Path, seconds: float, clients: int, workers: int) -> d
 
 def bench_http(model_path: Path, seconds: float, clients: int = 16) -> dict:
     """16 clients against `serve` with one worker and with the default (one per core), in turn."""
-    from pipeline.stages.serve import default_workers
+    from pipeline.serving.supervisor import default_workers
 
     report = {}
     for workers in sorted({1, default_workers()}):

@@ -3,25 +3,28 @@
 Five styles, each from another generator or font than the synthetic data uses: `claptcha`,
 `wheezy.captcha` and `multicolorcaptcha` (PyPI packages), the `captcha` package with serif fonts
 and lower-case labels (`serif`), and a plain digits style (`digits`). Their fonts are
-pipeline.styles.YARDSTICK_FONTS and multicolorcaptcha's own: the `mixed` style never draws them.
+pipeline.data.mixed_style.YARDSTICK_FONTS and multicolorcaptcha's own: the `mixed` style never draws them.
 
 Per style it reports full-sequence accuracy, letters compared case-insensitively (most sites
 accept either case; `ddddocr` answers in lower case), both readers told the style's alphabet
 (digits, or letters and digits) as a user would tell them (--allowed, ddddocr's set_ranges), and
-the number of labels with a doubled character read with one of the pair dropped: a model
-zero-shot, `ddddocr` zero-shot, and,
-with --finetune N, the model fine-tuned on N labelled images of the style (rendered from their
-own seeds, never the test images') for --minutes, through the real ingest and train stages with
-the shipped profiles/finetune.yaml; --scratch adds the same training from scratch.
+the number of labels with a doubled character read with one of the pair dropped: each --model
+zero-shot (a checkpoint, or `ddddocr`: ddddocr's network cut to 0-9A-Z, nothing trained),
+`ddddocr` itself (--ddddocr), and, with --finetune N, the first model fine-tuned on N labelled
+images of the style (rendered from their own seeds, never the test images') for --minutes, through
+the real ingest and train stages with the shipped profiles/finetune.yaml. --unlabelled M adds a
+run with M unlabelled captchas of the style too (self-training, --pseudo-rounds); --scratch one
+from scratch.
 
-    python -m benchmarks.yardstick --model models/model.pt --ddddocr [--finetune 1000 --minutes 5 --scratch]
+    python -m benchmarks.yardstick --model ddddocr --ddddocr --finetune 1000 --minutes 10 [--unlabelled 10000]
 
-Needs the benchmark extras: pip install -c constraints.txt -e '.[yardstick]'.
+Needs the ddddocr extra (make install installs it).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import os
 import random
@@ -34,16 +37,18 @@ from pathlib import Path
 from typing import Callable
 
 import yaml
-from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont
 
-from pipeline import checkpoint
+from pipeline.data.captcha_style import Renderer
+from pipeline.data.seeds import derive_seed
 from pipeline.files import write_json
-from pipeline.params import load_params
-from pipeline.recognizer import Recognizer
-from pipeline.render import Renderer
-from pipeline.seeds import derive_seed
-from pipeline.styles import DEJAVU, LIBERATION
+from pipeline.model import checkpoint
+from pipeline.model.settings import load_model_params as load_params
+from pipeline.params import parse_value, read_yaml
+from pipeline.read.recognizer import Recognizer
+from pipeline.system_files import DEJAVU, LIBERATION
 
+TRUNK = "ddddocr"  # --model ddddocr: ddddocr's network cut to the charset, fine-tuned as profiles/finetune.yaml ships
 ALNUM = string.digits + string.ascii_uppercase + string.ascii_lowercase
 
 
@@ -121,6 +126,18 @@ STYLES: dict[str, Callable] = {"claptcha": claptcha_style, "wheezy": wheezy_styl
 ALPHABETS = {name: ALNUM for name in STYLES} | {"digits": string.digits}
 
 
+def crop_letterbox(png: bytes) -> bytes:
+    """The image cut to the box of pixels unlike its top-left one (multicolor's black letterbox
+    away), as a user could do to their site's captchas before labelling them."""
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    box = ImageChops.difference(image, Image.new("RGB", image.size, image.getpixel((0, 0)))).getbbox()
+    if box is None:
+        return png
+    out = io.BytesIO()
+    image.crop(box).save(out, "PNG")
+    return out.getvalue()
+
+
 def render_style(name: str, split: str, n: int, seed: int = 0) -> list[tuple[str, bytes]]:
     """n (label, PNG bytes) of a style; label and rendering from independent seeds where the
     generator lets them be."""
@@ -166,31 +183,60 @@ def read_with_ddddocr(images: list[bytes], alphabet: str = ALNUM) -> tuple[list[
     return readings, (time.perf_counter() - started) / len(images) * 1e3
 
 
-def fine_tune(model: Path | None, pretrained_like: Path, train: list[tuple[str, bytes]], minutes: float,
-              workdir: Path, repo: Path) -> Path:
-    """Ingest `train` and train on it alone for `minutes` with the shipped fine-tune profile
-    (profiles/finetune.yaml), from `model` or from scratch with the same architecture, in
-    `workdir`; returns the new checkpoint."""
-    from pipeline.stages.ingest import ingest
-    from pipeline.stages.profile import apply_profile
-    from pipeline.stages.train import train as run_train
+def packaged_trunk(out: Path, repo: Path) -> Path:
+    """ddddocr's reader, its output layer cut to the fine-tune charset and nothing trained: the
+    ddddocr trunk zero-shot, as a checkpoint."""
+    from pipeline.model import build_model
+    from pipeline.model.transfer import from_packaged_trunk
 
-    ckpt = checkpoint.read(pretrained_like)
+    params = load_params(repo / "params.yaml")
+    settings = params.model.with_arch("ddddocr").settings
+    charset = params.data.charset
+    model = build_model("ddddocr", settings, len(charset) + 1, 8)
+    from_packaged_trunk(model, charset)
+    checkpoint.save(out, checkpoint.contents(model, "ddddocr", dataclasses.asdict(settings), charset, 8))
+    return out
+
+
+def fine_tune(model: Path | None, pretrained_like: Path, train: list[tuple[str, bytes]], minutes: float,
+              workdir: Path, repo: Path, trunk: bool = False, unlabelled: list[bytes] = (),
+              pseudo_rounds: int = 0, overrides: dict[str, str] | None = None) -> Path:
+    """Ingest `train` and train on it alone for `minutes` with the shipped fine-tune profile
+    (profiles/finetune.yaml) in `workdir`: with `trunk`, from the packaged ddddocr trunk as the
+    profile ships; else from `model`, or from scratch with the architecture of `pretrained_like`.
+    Returns the new checkpoint."""
+    from pipeline.stages.ingest import ingest
+    from pipeline.stages.train import train as run_train
+    from pipeline.tools.profile import apply_profile
+
     folder = workdir / "labelled"
     folder.mkdir(parents=True)
     for i, (label, png) in enumerate(train):
         (folder / f"{label}_{i}.png").write_bytes(png)
+    for i, png in enumerate(unlabelled):  # names the label pattern does not match: no label
+        (folder / f"_unlabelled_{i}.png").write_bytes(png)
     shutil.copy(repo / "params.yaml", workdir / "params.yaml")
     apply_profile("finetune", workdir / "params.yaml")
-    params = yaml.safe_load((workdir / "params.yaml").read_text())
-    params["data"]["charset"] = ckpt["charset"]
-    params["ingest"]["max_length"] = max(8, ckpt["max_length"])
-    params["model"]["arch"] = ckpt["arch"]
-    params["model"][ckpt["arch"]] = ckpt["settings"]
+    params = read_yaml(workdir / "params.yaml")
+    params["ingest"]["max_length"] = 8
+    if not trunk:
+        ckpt = checkpoint.read(pretrained_like)
+        params["data"]["charset"] = ckpt["charset"]
+        params["ingest"]["max_length"] = max(8, ckpt["max_length"])
+        params["model"]["arch"] = ckpt["arch"]
+        params["model"][ckpt["arch"]] = ckpt["settings"]
+        params["train"]["init_from"] = ""
     # the yardstick scores on test captchas of its own: the profile's test tenth goes to training
     params["ingest"].update(source=str(folder), labels="", fractions={"train": 0.9, "val": 0.1, "test": 0.0})
-    params["train"].update(max_minutes=minutes, init_from="")
-    if model is not None:
+    params["train"].update(max_minutes=minutes, pseudo_rounds=pseudo_rounds if unlabelled else 0)
+    params["ingest"]["unlabelled"] = bool(unlabelled)
+    for key, value in (overrides or {}).items():  # --set section.key[.sub]=value
+        *path, last = key.split(".")
+        node = params
+        for part in path:
+            node = node[part]
+        node[last] = parse_value(value)
+    if model is not None and not trunk:
         (workdir / "pretrained").mkdir()
         shutil.copy(model, workdir / "pretrained/model.pt")
         params["train"]["init_from"] = "pretrained/model.pt"
@@ -208,21 +254,35 @@ def fine_tune(model: Path | None, pretrained_like: Path, train: list[tuple[str, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, action="append", help="checkpoint(s) to score zero-shot; the first is fine-tuned")
+    parser.add_argument("--model", type=Path, action="append",
+                        help=f"checkpoint(s) to score zero-shot, or {TRUNK!r}: the packaged trunk; the first is fine-tuned")
     parser.add_argument("--n", type=int, default=500, help="test images per style")
     parser.add_argument("--styles", default=",".join(STYLES))
     parser.add_argument("--ddddocr", action="store_true", help="score ddddocr too")
     parser.add_argument("--finetune", type=int, action="append", default=[], help="labelled images to fine-tune on")
     parser.add_argument("--minutes", type=float, default=5.0, help="training minutes per fine-tune")
     parser.add_argument("--scratch", action="store_true", help="also train from scratch on the same images")
+    parser.add_argument("--unlabelled", type=int, default=0,
+                        help="also fine-tune with this many unlabelled captchas of the style (self-training)")
+    parser.add_argument("--pseudo-rounds", type=int, default=2, help="self-training rounds with --unlabelled")
+    parser.add_argument("--no-plain", action="store_true", help="with --unlabelled: skip the fine-tune without them")
+    parser.add_argument("--crop-letterbox", action="store_true",
+                        help="cut every image to the box unlike its corner first (multicolor's letterbox)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a params value for the fine-tunes, e.g. model.ddddocr.width=256")
     parser.add_argument("--out", type=Path, default=Path("reports/yardstick.json"))
     args = parser.parse_args()
     repo = Path(__file__).resolve().parents[1]
-    models = args.model or [Path("models/model.pt")]
-    report = {"date": time.strftime("%Y-%m-%d"), "n": args.n, "models": [str(m) for m in models],
+    scratch_dir = tempfile.TemporaryDirectory()
+    models = [packaged_trunk(Path(scratch_dir.name) / "ddddocr-trunk.pt", repo) if str(m) == TRUNK else m
+              for m in (args.model or [Path("models/model.pt")])]
+    trunk = str((args.model or [""])[0]) == TRUNK
+    report = {"date": time.strftime("%Y-%m-%d"), "n": args.n, "models": [str(m) for m in args.model or models],
               "minutes": args.minutes, "styles": {}}
     for name in args.styles.split(","):
         test = render_style(name, "test", args.n)
+        if args.crop_letterbox:
+            test = [(label, crop_letterbox(png)) for label, png in test]
         labels, images = [t for t, _ in test], [png for _, png in test]
         row = report["styles"][name] = {}
 
@@ -231,19 +291,32 @@ def main() -> None:
             row.setdefault("doubled read once", {})[key] = doubled_read_once(labels, readings)
             print(f"{name}: {key}: {row[key]:.3f}{note}", flush=True)
 
-        for model in models:
+        for given, model in zip(args.model or models, models):
             readings, ms = read_with_model(model, images, ALPHABETS[name])
-            score(f"zero-shot {model}", readings, f" ({ms:.1f} ms/img)")
+            score(f"zero-shot {given}", readings, f" ({ms:.1f} ms/img)")
         if args.ddddocr:
             readings, row["ddddocr_ms"] = read_with_ddddocr(images, ALPHABETS[name])
             score("ddddocr", readings, f" ({row['ddddocr_ms']:.1f} ms/img)")
         for n_labels in args.finetune:
             train = render_style(name, "train", n_labels)
-            for start in [models[0]] + ([None] if args.scratch else []):
+            unlabelled = [png for _, png in render_style(name, "unlabelled", args.unlabelled)]
+            if args.crop_letterbox:
+                train = [(label, crop_letterbox(png)) for label, png in train]
+                unlabelled = [crop_letterbox(png) for png in unlabelled]
+            runs = [] if args.no_plain else [("fine-tuned", models[0], [])]
+            runs += [("scratch", None, [])] if args.scratch else []
+            runs += [(f"self-trained +{args.unlabelled}", models[0], unlabelled)] if unlabelled else []
+            for what, start, extra in runs:
                 with tempfile.TemporaryDirectory() as tmp:
-                    tuned = fine_tune(start, models[0], train, args.minutes, Path(tmp), repo)
+                    started = time.perf_counter()
+                    tuned = fine_tune(start, models[0], train, args.minutes, Path(tmp), repo,
+                                      trunk=trunk and start is not None, unlabelled=extra,
+                                      pseudo_rounds=args.pseudo_rounds,
+                                      overrides=dict(kv.split("=", 1) for kv in args.set))
+                    took = time.perf_counter() - started
                     readings, _ = read_with_model(tuned, images, ALPHABETS[name])
-                score(f"{'fine-tuned' if start else 'scratch'} {n_labels}", readings, f" ({args.minutes} min)")
+                score(f"{what} {n_labels}", readings, f" ({args.minutes} min budget, {took / 60:.1f} min with ingest)")
+                row.setdefault("minutes with ingest", {})[f"{what} {n_labels}"] = round(took / 60, 2)
         write_json(args.out, report)
     print(format_table(report))
 

@@ -2,8 +2,9 @@
 
 params.yaml is the only place defaults live: every key is required, and a missing, unknown,
 mistyped or out-of-range one raises `ParamsError` naming it (`data.min_length: ...`), which the CLI
-prints on one line with exit status 2. Model settings are checked by their architecture, and the
-model's output length against `data.max_length`, so a bad setting stops before any stage runs.
+prints on one line with exit status 2. Model settings are checked by their architecture where
+models are built (pipeline/model/settings.py): this module imports no model code, so that the
+data stages do not depend on it.
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ from pathlib import Path
 import yaml
 
 from pipeline.errors import ParamsError, require
-from pipeline.models import ARCHS, output_steps, steps_needed
 
 
 class _Loader(yaml.SafeLoader):
@@ -152,7 +152,7 @@ class DataParams:
     max_length: int
     width: int  # rendered image size
     height: int
-    style: str  # captcha | mixed (pipeline/styles.py)
+    style: str  # captcha | mixed (pipeline/data/styles.py)
     fonts: list[str]  # TrueType files; empty: the style's own
     font_sizes: list[int]
     seed: int
@@ -178,43 +178,28 @@ class DataParams:
 
 
 # ---------------------------------------------------------------------------------------------
-# model: `arch` names an entry of pipeline.models.ARCHS; its settings live under model.<arch>
+# model: read as written here; checked by the architectures where models are built
+# (pipeline/model/settings.py), so that the data stages never import model code
 
 
 @dataclass(frozen=True)
-class ModelParams:
+class ModelSection:
+    """model.* as written: `arch`, and one mapping of settings per architecture (model.<arch>)."""
+
     arch: str
-    settings: typing.Any  # the arch's Settings dataclass, checked
-    by_arch: dict = dataclasses.field(default_factory=dict, repr=False)  # every model.<arch> given, checked
+    sections: dict
 
-    @property
-    def ctc(self) -> bool:
-        return ARCHS[self.arch].ctc
-
-    def with_arch(self, arch: str) -> "ModelParams":
-        """Another architecture, with its settings from the same params file."""
-        require(arch in self.by_arch, f"model.{arch}", "missing from the params file")
-        return ModelParams(arch, self.by_arch[arch], self.by_arch)
-
-    def settings_dict(self) -> dict:
-        return dataclasses.asdict(self.settings)
-
-
-def model_params(section, max_length: int, prefix: str = "model") -> ModelParams:
-    """model.arch and every model.<arch> section given, each checked by its architecture."""
-    require(isinstance(section, dict), prefix, f"expected a mapping, got {section!r}")
-    section = dict(section)
-    require("arch" in section, f"{prefix}.arch", "missing")
-    arch = section.pop("arch")
-    require(arch in ARCHS, f"{prefix}.arch", f"unknown architecture {arch!r} (known: {', '.join(ARCHS)})")
-    for key in section:
-        require(key in ARCHS, f"{prefix}.{key}", f"unknown key (expected arch or one of {', '.join(ARCHS)})")
-    require(arch in section, f"{prefix}.{arch}", "missing: the settings of the chosen arch")
-    settings = {name: from_mapping(ARCHS[name].Settings, value, f"{prefix}.{name}") for name, value in section.items()}
-    steps, need = output_steps(arch, settings[arch], max_length), steps_needed(arch, max_length)
-    require(steps >= need, f"{prefix}.{arch}.width", f"{steps} output steps cannot emit labels of {max_length} "
-            f"characters (need {need}); widen the input")
-    return ModelParams(arch=arch, settings=settings[arch], by_arch=settings)
+    @classmethod
+    def of(cls, section, prefix: str = "model") -> "ModelSection":
+        require(isinstance(section, dict), prefix, f"expected a mapping, got {section!r}")
+        section = dict(section)
+        require("arch" in section, f"{prefix}.arch", "missing")
+        arch = section.pop("arch")
+        require(isinstance(arch, str), f"{prefix}.arch", f"expected a string, got {arch!r}")
+        require(arch in section, f"{prefix}.{arch}", "missing: the settings of the chosen arch")
+        for key, value in section.items():
+            require(isinstance(value, dict), f"{prefix}.{key}", f"expected a mapping, got {value!r}")
+        return cls(arch, section)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,7 +224,10 @@ class TrainParams:
     augment: float  # probability that a training image is distorted (shift, zoom, slant, blur, tone, noise)
     compile: bool
     resume: bool
-    init_from: str  # a checkpoint to fine-tune from
+    init_from: str  # a checkpoint to fine-tune from, or ddddocr (the weights inside its wheel)
+    freeze: list[str]  # parameter-name prefixes kept as loaded (e.g. the trunk's early convs)
+    pseudo_rounds: int  # rounds of self-training on the sources' unlabelled samples; 0: none
+    pseudo_precision: float  # pseudo-labels are the readings at least this often right on val
     sources: dict[str, int]  # manifest -> repeats of its training shards per epoch
 
     def check(self, prefix: str) -> None:
@@ -251,6 +239,9 @@ class TrainParams:
         require(0 <= self.augment <= 1, f"{prefix}.augment", f"must be in [0, 1], got {self.augment}")
         for name in ("weight_decay", "grad_clip", "max_minutes", "patience"):
             require(getattr(self, name) >= 0, f"{prefix}.{name}", f"must be >= 0, got {getattr(self, name)}")
+        require(self.pseudo_rounds >= 0, f"{prefix}.pseudo_rounds", f"must be >= 0, got {self.pseudo_rounds}")
+        require(0 < self.pseudo_precision <= 1, f"{prefix}.pseudo_precision",
+                f"must be in (0, 1], got {self.pseudo_precision}")
         require(bool(self.sources), f"{prefix}.sources", "name at least one manifest, e.g. {data/manifest.parquet: 1}")
         for manifest, repeats in self.sources.items():
             require(repeats > 0, f"{prefix}.sources.{manifest}", f"repeats must be positive, got {repeats}")
@@ -298,6 +289,7 @@ class IngestParams:
     max_height: int  # store taller images scaled down to this height (aspect kept); 0: as they are
     max_length: int  # longest label kept; 0: data.max_length
     extra_chars: str  # characters labels may hold beyond data.charset (the model reads them too)
+    unlabelled: bool  # keep the source's images that have no label yet, for self-training (train.pseudo_rounds)
     out: str
 
     def charset(self, data: DataParams) -> str:
@@ -337,7 +329,7 @@ SECTIONS = {
 @dataclass(frozen=True)
 class Params:
     data: DataParams
-    model: ModelParams
+    model: typing.Any  # ModelSection as loaded; ModelParams once pipeline.model.settings checked it
     train: TrainParams
     evaluate: EvaluateParams
     export: ExportParams
@@ -366,4 +358,4 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     for key in known:
         require(key in raw, key, f"section missing from {path}")
     values = {name: from_mapping(cls, raw[name], name) for name, cls in SECTIONS.items()}
-    return Params(model=model_params(raw["model"], label_max_length(values["data"], values["ingest"])), **values)
+    return Params(model=ModelSection.of(raw["model"]), **values)

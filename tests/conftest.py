@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.params import read_yaml
+
 REPO = Path(__file__).resolve().parents[1]
-REPO_PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
+REPO_PARAMS = read_yaml(REPO / "params.yaml")
 
 TINY = {
     "data": {"min_length": 4, "max_length": 5, "workers": 2, "shard_size": 60,
@@ -38,10 +40,10 @@ def write_params(folder: Path, override: dict | None = None) -> Path:
 
 
 def default_params():
-    """The repository's params.yaml, loaded."""
-    from pipeline.params import load_params
+    """The repository's params.yaml, loaded, its model section checked."""
+    from pipeline.model.settings import load_model_params
 
-    return load_params(REPO / "params.yaml")
+    return load_model_params(REPO / "params.yaml")
 
 
 @pytest.fixture
@@ -55,8 +57,8 @@ def workdir(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory):
     """A generated tiny dataset (shards + manifest) and a briefly trained model, read-only."""
-    from pipeline.stages.generate import generate
     from pipeline.params import load_params
+    from pipeline.stages.generate import generate
     from pipeline.stages.train import train
 
     root = tmp_path_factory.mktemp("tiny")

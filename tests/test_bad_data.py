@@ -12,7 +12,7 @@ import yaml
 from click.testing import CliRunner
 
 from pipeline.__main__ import cli
-from pipeline.shards import Sample, iter_tar, write_shard
+from pipeline.data.shards import Sample, iter_tar, write_shard
 from tests.conftest import write_params
 
 SHARD = Path("data/shards/train/train-000000.tar")

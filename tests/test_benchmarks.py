@@ -1,6 +1,6 @@
 """The benchmarks: report tables, and the yardstick's styles and fine-tuning path (the figures themselves are measured by `make bench` and `make bench-yardstick`, not here)."""
 from benchmarks.speed import format_tables, train_rate
-from pipeline.models import ARCHS
+from pipeline.model import ARCHS
 from tests.conftest import REPO, default_params
 
 
@@ -61,8 +61,8 @@ def test_record_run_renders_a_prefix_that_is_an_ordinary_dataset(tmp_path):
     import subprocess
     import sys
 
+    from pipeline.data.shards import read_manifest
     from pipeline.params import load_params
-    from pipeline.shards import read_manifest
     from pipeline.stages.generate import generate
     from tests.conftest import REPO, write_params
 

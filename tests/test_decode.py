@@ -1,11 +1,12 @@
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
-import itertools
-
-from pipeline.charset import Charset, beam_decode, decode, greedy_decode, label_probability
+from pipeline.charset import Charset
+from pipeline.read.decode import beam_decode, decode, greedy_decode, label_probability
 
 CS = Charset("0123456789ABO")
 BLANK = "-"
@@ -120,7 +121,7 @@ def test_mask_restricts_output():
 
 
 def test_case_folding_merges_each_letters_two_forms_before_decoding():
-    from pipeline.inference import decode_texts
+    from pipeline.read.inference import decode_texts
 
     mixed = Charset("0123aAbB")
     # every frame splits its mass between 'a' and 'A': neither form wins alone, together they beat '0'

@@ -8,9 +8,9 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.__main__ import cli
+from pipeline.data.shards import iter_tar
 from pipeline.params import load_params
-from pipeline.recognizer import Recognizer
-from pipeline.shards import iter_tar
+from pipeline.read.recognizer import Recognizer
 from pipeline.stages.export import export
 from tests.conftest import write_params
 
@@ -87,7 +87,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_in_one_line(tmp_path):
 
 
 def test_evaluate_scores_another_model_or_a_labelled_folder_and_writes_nothing(tiny_copy):
-    from pipeline.render import Renderer
+    from pipeline.data.captcha_style import Renderer
 
     before = {p: p.read_bytes() for p in Path("reports").rglob("*") if p.is_file()}
     result = CliRunner().invoke(cli, ["evaluate", "--quiet", "--model", "models/last.pt"])

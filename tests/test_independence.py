@@ -21,11 +21,11 @@ import torch
 from PIL import Image
 
 from pipeline.charset import Charset
+from pipeline.data.captcha_style import Renderer
+from pipeline.data.seeds import derive_seed
+from pipeline.data.shards import Sample, ShardStream, iter_tar, make_loader, write_shard
 from pipeline.params import load_params
-from pipeline.preprocess import Preprocess
-from pipeline.render import Renderer
-from pipeline.seeds import derive_seed
-from pipeline.shards import Sample, ShardStream, iter_tar, make_loader, write_shard
+from pipeline.read.preprocess import Preprocess
 from pipeline.stages.generate import generate, sample_spec
 from pipeline.stages.ingest import ingest
 from tests.conftest import write_params

@@ -14,10 +14,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from pipeline.__main__ import cli
+from pipeline.data.captcha_style import Renderer
+from pipeline.data.shards import iter_tar
 from pipeline.errors import PipelineError
 from pipeline.params import load_params
-from pipeline.render import Renderer
-from pipeline.shards import iter_tar
 from pipeline.stages.evaluate import evaluate
 from pipeline.stages.ingest import ingest
 from pipeline.stages.train import train
@@ -166,7 +166,7 @@ def test_tiny_end_to_end_with_both_sources(tiny_copy):
 def test_init_from_another_charset_keeps_the_trunk_and_the_shared_rows(tiny_copy):
     import torch
 
-    from pipeline import checkpoint
+    from pipeline.model import checkpoint
     from pipeline.stages.train import Paths, build
 
     (tiny_copy / "pretrained").mkdir()

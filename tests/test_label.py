@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from benchmarks.labelling import find_browser, headless_chromium
-from pipeline.labels import read_labels_file
-from pipeline.render import Renderer
-from pipeline.stages.label import COLUMNS, create_app, open_session, read_answers
+from pipeline.data.captcha_style import Renderer
+from pipeline.data.labelled_folders import read_labels_file
+from pipeline.tools.label import COLUMNS, create_app, open_session, read_answers
 from tests.conftest import REPO
 
 LABELS = ["AB12", "CD34", "EF56", "GH78", "JK90", "LM12", "NP34", "QR56"]
@@ -179,7 +179,7 @@ def test_killing_the_server_loses_no_saved_answer(folder, model):
         (f"img{i}.png", LABELS[i]) for i in range(5))
 
 
-@pytest.mark.skipif(not all(find_browser()), reason="no chromium + chromedriver (Debian: apt-get install chromium chromium-driver)")
+@pytest.mark.skipif(not all(find_browser()), reason="no chromium + chromedriver: setup/debian.sh (make install) installs them")
 def test_in_a_browser_accept_one_reading_correct_another_reload(folder, model):
     pytest.importorskip("selenium")
     from selenium.webdriver.common.by import By

@@ -1,10 +1,12 @@
 """The architecture, held by tests: the import graph of pipeline/ and the deps of dvc.yaml.
 
-Layers: the core (every module of pipeline/ outside stages/, e.g. errors, params, shards, models)
-imports no stage; a stage (pipeline/stages/*) imports the core and never another stage; the click
-layer (pipeline/__main__.py) sits on top. `errors` imports nothing of the project, and no imports
-go round in a circle. A DVC stage depends on every project module its command imports, so that
-no code change leaves stale metrics behind.
+Layers: the core (every module of pipeline/ outside stages/ and tools/: the ground floor of errors,
+params, files, charset, cli, and the data, model and read wings) imports no command; a command
+(pipeline/stages/*, pipeline/tools/*) imports the core and never another command; pipeline/__main__.py
+sits on top. The data wing imports neither the model nor the read wing. `errors` imports nothing of
+the project, and no imports go round in a circle. A DVC stage depends on every project module its
+command imports, so that no code change leaves stale metrics behind, and on nothing more: editing
+a model or a tool reruns no data stage.
 """
 from __future__ import annotations
 
@@ -58,7 +60,8 @@ LOADS = {name: imported_modules(tree, name, with_packages=True) for name, tree i
 
 
 def is_stage(name: str) -> bool:
-    return name.startswith("pipeline.stages.")
+    """A command: a DVC stage (pipeline/stages/) or another command (pipeline/tools/)."""
+    return name.startswith(("pipeline.stages.", "pipeline.tools."))
 
 
 def closure(start: set[str]) -> set[str]:
@@ -74,9 +77,9 @@ def closure(start: set[str]) -> set[str]:
 def test_core_imports_no_stage_and_stages_import_no_stage():
     upward = [(a, b) for a, deps in GRAPH.items() for b in deps
               if not is_stage(a) and a != "pipeline.__main__" and (is_stage(b) or b == "pipeline.__main__")]
-    assert not upward, f"core modules importing a stage or the CLI: {upward}"
+    assert not upward, f"core modules importing a command or the CLI: {upward}"
     sideways = [(a, b) for a, deps in GRAPH.items() for b in deps if is_stage(a) and is_stage(b)]
-    assert not sideways, f"stages importing stages: {sideways}"
+    assert not sideways, f"commands importing commands: {sideways}"
     assert GRAPH["pipeline.errors"] <= {"pipeline"}
 
 
@@ -91,24 +94,54 @@ def test_no_import_cycles():
         visit(name, [])
 
 
-def command_imports(command: str) -> set[str]:
-    """What `python -m pipeline COMMAND` imports: __main__ at module level, plus that command's function."""
-    tree = TREES["pipeline.__main__"]
-    top = ast.Module(body=[n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))], type_ignores=[])
-    functions = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == command]
-    assert functions, f"no click command {command} in pipeline/__main__.py"
-    found = imported_modules(top, "pipeline.__main__", True) | imported_modules(functions[0], "pipeline.__main__", True)
-    return closure(found | {"pipeline"}) | {"pipeline.__main__"}
+def command_imports(module: str) -> set[str]:
+    """What `python -m pipeline.stages.NAME` imports: that module and what it imports, transitively."""
+    assert module in MODULES, f"no module {module}"
+    return closure({module, "pipeline"})
+
+
+def stage_deps() -> dict[str, list[Path]]:
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    return {stage: [Path(d) for d in spec.get("deps", [])] for stage, spec in stages.items()}
+
+
+def covered(path: Path, deps: list[Path]) -> bool:
+    return any(path == d or d in path.parents for d in deps)
 
 
 def test_each_dvc_stage_depends_on_every_module_its_command_imports():
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     for stage, spec in stages.items():
-        command = spec["cmd"].split()[3]  # python -m pipeline COMMAND ...
+        module = spec["cmd"].split()[2]  # python -m pipeline.stages.NAME ...
+        assert module == f"pipeline.stages.{stage}"
         deps = [Path(d) for d in spec.get("deps", [])]
-        missing = []
-        for name in sorted(command_imports(command)):
-            path = MODULES[name].relative_to(REPO)
-            if not any(path == d or d in path.parents for d in deps):
-                missing.append(str(path))
+        imported = {MODULES[name].relative_to(REPO) for name in command_imports(module)}
+        missing = sorted(str(path) for path in imported if not covered(path, deps))
         assert not missing, f"dvc.yaml stage {stage!r} misses deps {missing}"
+        needless = sorted(str(d) for d in deps if d.parts[0] == "pipeline" and not any(covered(p, [d]) for p in imported))
+        assert not needless, f"dvc.yaml stage {stage!r} depends on modules it never imports: {needless}"
+
+
+def test_a_model_or_tool_change_reruns_no_data_stage():
+    """Editing an architecture, or adding an option to serve, leaves generate and ingest unchanged."""
+    deps = stage_deps()
+    for stage in ("generate", "ingest"):
+        for edited in ("pipeline/model/fast.py", "pipeline/model/ddddocr.py", "pipeline/tools/serve.py",
+                       "pipeline/read/preprocess.py", "pipeline/__main__.py"):
+            assert not covered(Path(edited), deps[stage]), f"editing {edited} would rerun {stage}"
+    data_wing = [name for name in MODULES if name.startswith("pipeline.data")]
+    for name in data_wing:
+        wrong = sorted(d for d in GRAPH[name] if d.startswith(("pipeline.model", "pipeline.read")))
+        assert not wrong, f"{name} (data wing) imports {wrong}"
+
+
+def test_dvc_yaml_declares_the_paths_of_pipeline_outputs():
+    from pipeline import outputs
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    declared = set()
+    for spec in stages.values():
+        for kind in ("outs", "metrics", "plots"):
+            declared |= {next(iter(o)) if isinstance(o, dict) else o for o in spec.get(kind, [])}
+    written = {str(value) for name, value in vars(outputs).items() if name.isupper()}
+    assert written - declared == set(), "written by the code but not declared in dvc.yaml"

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.metrics import align, compute_metrics
+from pipeline.read.metrics import align, compute_metrics
 
 
 @pytest.mark.parametrize("truth, pred, distance, matched", [

@@ -2,17 +2,17 @@ from __future__ import annotations
 
 import io
 import json
+import struct
 import threading
 import zlib
-import struct
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.recognizer import Recognizer
-from pipeline.render import Renderer
-from pipeline.stages.serve import Limits, create_app
+from pipeline.data.captcha_style import Renderer
+from pipeline.read.recognizer import Recognizer
+from pipeline.serving.app import Limits, create_app
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ class EchoRecognizer:
         return np.array([[[float(a.sum())]] for a in batch])
 
     def decode(self, probs, beam=1, allowed=None):
-        from pipeline.recognizer import Prediction
+        from pipeline.read.recognizer import Prediction
 
         self.decoding_threads.add(threading.current_thread().name)
         return [Prediction(f"{p[0, 0]:.3f}", 1.0) for p in probs]
@@ -191,7 +191,7 @@ def test_model_reports_only_its_own_metrics(recognizer, tmp_path):
 
 
 def test_keep_aspect_resizes_to_the_height_and_pads_the_width():
-    from pipeline.preprocess import Preprocess
+    from pipeline.read.preprocess import Preprocess
 
     keep = Preprocess(32, 160, 1, keep_aspect=True)
     gradient = np.tile(np.linspace(0, 255, 120, dtype=np.uint8), (40, 1))  # 120 x 40: aspect 3
@@ -210,7 +210,7 @@ def test_keep_aspect_resizes_to_the_height_and_pads_the_width():
 def test_augmentation_is_a_function_of_its_random_stream():
     import random
 
-    from pipeline.preprocess import Preprocess
+    from pipeline.read.preprocess import Preprocess
 
     keep = Preprocess(32, 160, 1, keep_aspect=True)
     image = Image.open(io.BytesIO(png_bytes("AB12", 3)))

@@ -20,9 +20,10 @@ import psutil
 import pytest
 from PIL import Image
 
-from pipeline.recognizer import Recognizer
-from pipeline.stages import serve as serve_module
-from pipeline.stages.serve import Limits, create_app, make_server
+from pipeline.read.recognizer import Recognizer
+from pipeline.serving import app as serve_module
+from pipeline.serving.app import Limits, create_app
+from pipeline.serving.http import make_server
 
 LIMITS = Limits(max_bytes=2_000_000, max_connections=40, max_connections_per_client=8,
                 idle_timeout=1, request_timeout=2)
@@ -256,3 +257,16 @@ def test_serve_refuses_a_bad_host_or_model_in_one_line(tiny_dataset, tmp_path):
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 2, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.parametrize("command", ["serve", "label"])
+@pytest.mark.parametrize("port", ["70000", "-1", "0"])
+def test_a_port_out_of_range_is_refused_before_anything_starts(tmp_path, command, port):
+    from click.testing import CliRunner
+
+    from pipeline.__main__ import cli
+
+    args = [command, "--port", port] + ([str(tmp_path)] if command == "label" else [])
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2 and "'--port'" in result.output and "1<=x<=65535" in result.output
+    assert not (tmp_path / "labels.csv").exists()

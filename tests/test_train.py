@@ -10,14 +10,14 @@ import pyarrow.compute as pc
 import pytest
 import torch
 
-from pipeline import checkpoint
-from pipeline.charset import Charset, greedy_decode
-from pipeline.errors import ParamsError, PipelineError
-from pipeline.models import ARCHS, build_model, output_steps, steps_needed
+from pipeline.charset import Charset
+from pipeline.data.captcha_style import Renderer
+from pipeline.data.shards import ShardStream, loader_workers, make_loader, read_manifest, split_shards
+from pipeline.errors import PipelineError
+from pipeline.model import ARCHS, build_model, checkpoint, output_steps, steps_needed
 from pipeline.params import load_params
-from pipeline.preprocess import Preprocess
-from pipeline.render import Renderer
-from pipeline.shards import ShardStream, loader_workers, make_loader, read_manifest, split_shards
+from pipeline.read.decode import greedy_decode
+from pipeline.read.preprocess import Preprocess
 from pipeline.stages.train import Paths, sequence_loss, train
 from tests.conftest import REPO, default_params, write_params
 

@@ -3,37 +3,41 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import click
 import pyarrow.compute as pc
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from pipeline import checkpoint
+from pipeline import outputs
 from pipeline.charset import fold_text
-from pipeline.device import pick_device, pick_precision
-from pipeline.files import atomic_write, check_writable, file_sha256, write_json
+from pipeline.cli import command, params_option, quiet_option, run
+from pipeline.data.images import load_image
+from pipeline.data.labelled_folders import list_folder
+from pipeline.data.shards import ShardStream, iter_tar, loader_workers, make_loader
+from pipeline.data.sources import load_sources, require_shards
 from pipeline.errors import PipelineError
-from pipeline.inference import predict_batches
-from pipeline.labels import list_folder
-from pipeline.metrics import align, compute_metrics
-from pipeline.params import Params
-from pipeline.preprocess import load_image
-from pipeline.recognizer import Recognizer
-from pipeline.shards import ShardStream, iter_tar, loader_workers, make_loader
-from pipeline.sources import load_sources, require_shards
+from pipeline.files import atomic_write, check_writable, file_sha256, write_json
+from pipeline.model import checkpoint
+from pipeline.model.device import pick_device, pick_precision
+from pipeline.params import Params, load_params
+from pipeline.read.inference import predict_batches
+from pipeline.read.metrics import align, compute_metrics
+from pipeline.read.recognizer import Recognizer
 
 
 @dataclass(frozen=True)
 class Paths:
-    model: Path = Path("models/model.pt")
-    metrics: Path = Path("reports/metrics.json")
-    confusion: Path = Path("reports/confusion.csv")
-    errors: Path = Path("reports/errors.png")
+    model: Path = outputs.MODEL
+    metrics: Path = outputs.METRICS
+    confusion: Path = outputs.CONFUSION
+    errors: Path = outputs.ERRORS
 
 
 def evaluate(params: Params, paths: Paths = Paths(), progress: bool = True, write: bool = True) -> dict:
@@ -173,3 +177,33 @@ def write_error_grid(path: Path, errors: list[tuple[str, str, str, float]], shar
     buffer = io.BytesIO()
     grid.save(buffer, format="PNG")
     atomic_write(path, lambda f: f.write(buffer.getvalue()))
+
+
+@command("evaluate")
+@params_option
+@quiet_option
+@click.option("--model", "model_path", default=None, type=click.Path(path_type=Path),
+              help="score this checkpoint instead; print its metrics, write no report")
+@click.option("--folder", default=None, type=click.Path(path_type=Path),
+              help="score a labelled folder instead of the test split (labels from --labels or file names)")
+@click.option("--labels", default=None, type=click.Path(path_type=Path),
+              help="with --folder: CSV/TSV of path,label [default: FOLDER/labels.csv if present]")
+@click.option("--case", type=click.Choice(["upper", "lower"]), default=None,
+              help="with --folder: compare letters case-insensitively")
+def cli(params_path, quiet, model_path, folder, labels, case):
+    """Score models/model.pt on the test split; write reports/metrics.json and pictures."""
+    params = load_params(params_path)
+    if folder is not None:
+        labels = labels or (folder / "labels.csv" if (folder / "labels.csv").exists() else None)
+        metrics = score_folder(model_path or Paths().model, folder, labels, params.ingest.pattern,
+                               params.evaluate.thresholds, case)
+    elif model_path is not None:
+        metrics = evaluate(params, Paths(model=model_path), progress=not quiet, write=False)
+    else:
+        evaluate(params, progress=not quiet)
+        return
+    click.echo(json.dumps(metrics, indent=1))
+
+
+if __name__ == "__main__":  # python -m pipeline.stages.NAME, as dvc.yaml runs the stages
+    run(__spec__.name)

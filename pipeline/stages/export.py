@@ -10,14 +10,16 @@ import numpy as np
 import onnx
 import torch
 
-from pipeline import checkpoint
-from pipeline.files import atomic_write, check_writable, file_sha256, write_json
+from pipeline import outputs
+from pipeline.cli import command, params_option, run
+from pipeline.data.shards import iter_tar
+from pipeline.data.sources import load_sources, shards_of
 from pipeline.errors import PipelineError
-from pipeline.inference import decode_texts, model_logits, softmax
-from pipeline.params import Params
-from pipeline.recognizer import onnx_session
-from pipeline.shards import iter_tar
-from pipeline.sources import load_sources, shards_of
+from pipeline.files import atomic_write, check_writable, file_sha256, write_json
+from pipeline.model import checkpoint
+from pipeline.params import Params, load_params
+from pipeline.read.inference import decode_texts, model_logits, softmax
+from pipeline.read.recognizer import onnx_session
 
 
 def to_onnx(bundle: checkpoint.Bundle, checkpoint_sha256: str, opset: int) -> bytes:
@@ -41,8 +43,8 @@ def to_onnx(bundle: checkpoint.Bundle, checkpoint_sha256: str, opset: int) -> by
     return proto.SerializeToString()
 
 
-def export(params: Params, model_path: Path = Path("models/model.pt"),
-           onnx_path: Path = Path("models/model.onnx"), report: Path = Path("reports/export.json")) -> dict:
+def export(params: Params, model_path: Path = outputs.MODEL,
+           onnx_path: Path = outputs.ONNX, report: Path = outputs.EXPORT_REPORT) -> dict:
     settings = params.export
     check_writable(onnx_path.parent, report.parent)
     bundle = checkpoint.load(model_path)
@@ -84,3 +86,14 @@ def parity_images(params: Params, count: int) -> list[bytes]:
     if not images:
         raise PipelineError("export: no test images to check parity on")
     return images
+
+
+@command("export")
+@params_option
+def cli(params_path):
+    """Export models/model.pt to models/model.onnx and check parity on test images."""
+    export(load_params(params_path))
+
+
+if __name__ == "__main__":  # python -m pipeline.stages.NAME, as dvc.yaml runs the stages
+    run(__spec__.name)

@@ -17,17 +17,17 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import click
 from tqdm import tqdm
 
+from pipeline import outputs
+from pipeline.cli import command, params_option, quiet_option, run
+from pipeline.data.seeds import derive_seed
+from pipeline.data.shards import Sample, scan_shards, shard_path, write_manifest, write_shard
+from pipeline.data.styles import check_fonts, renderer_for
 from pipeline.errors import PipelineError
 from pipeline.files import check_writable, folder_lock, remove_stale_temp_files, write_text
-from pipeline.params import DataParams
-from pipeline.seeds import derive_seed
-from pipeline.shards import Sample, scan_shards, shard_path, write_manifest, write_shard
-from pipeline.styles import check_fonts, renderer_for
-
-SHARDS_DIR = Path("data/shards")
-MANIFEST = Path("data/manifest.parquet")
+from pipeline.params import DataParams, load_params
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def parse_range(text: str, total: int) -> range:
 
 
 def generate(data: DataParams, shards: str | None = None, manifest_only: bool = False,
-             root: Path = SHARDS_DIR, manifest: Path = MANIFEST, progress: bool = True) -> dict:
+             root: Path = outputs.SHARDS, manifest: Path = outputs.MANIFEST, progress: bool = True) -> dict:
     """Render the shards (all, or a range with `shards`), then write the manifest. A full run or
     --manifest-only locks the folder for itself; --shards runs share it with each other only."""
     check_fonts(data)
@@ -100,7 +100,7 @@ def clear_outputs(root: Path, manifest: Path) -> None:
         shutil.rmtree(root)
 
 
-def write_nothing_rendered(root: Path = SHARDS_DIR, manifest: Path = MANIFEST) -> None:
+def write_nothing_rendered(root: Path = outputs.SHARDS, manifest: Path = outputs.MANIFEST) -> None:
     """The stage's outputs when training reads no synthetic data: an empty manifest, and a note
     in the shards folder (so that DVC has a folder to track), in seconds instead of minutes."""
     with folder_lock(root, exclusive=True):
@@ -163,3 +163,22 @@ def format_summary(s: dict) -> str:
     splits = ", ".join(f"{k} {v}" for k, v in s["per_split"].items())
     lengths = ", ".join(f"{k}: {v}" for k, v in s["lengths"].items())
     return f"samples: {splits}; label lengths: {lengths}; {s['seconds']} s ({s['images_per_second']} img/s)"
+
+
+@command("generate")
+@params_option
+@click.option("--shards", default=None, metavar="START:END",
+              help="render only these global shard indices (train, then val, then test); no manifest")
+@click.option("--manifest-only", is_flag=True, help="rebuild data/manifest.parquet from the shards")
+@quiet_option
+def cli(params_path, shards, manifest_only, quiet):
+    """Render synthetic captchas into data/shards/ and write data/manifest.parquet."""
+    params = load_params(params_path)
+    if str(outputs.MANIFEST) not in params.train.sources:  # e.g. fine-tuning on ingested captchas alone
+        write_nothing_rendered()
+        return
+    generate(params.data, shards=shards, manifest_only=manifest_only, progress=not quiet)
+
+
+if __name__ == "__main__":  # python -m pipeline.stages.NAME, as dvc.yaml runs the stages
+    run(__spec__.name)

@@ -3,6 +3,9 @@
 Labels come from the file names (a regex with a `label` group) or from a CSV/TSV of path,label.
 Everything is validated before anything is written; each image lands in the split chosen by a
 hash of its bytes, so adding images never moves an existing one, and duplicates share a split.
+With `ingest.unlabelled`, the images that have no label yet are kept too, in a split of their own
+(`unlabelled`, label empty, never val or test) for self-training; an unlabelled image identical to
+a labelled one is dropped, so no test image is ever trained on through its pseudo-label.
 """
 from __future__ import annotations
 
@@ -13,15 +16,18 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import click
 from PIL import Image
 
+from pipeline import outputs
 from pipeline.charset import fold_text
+from pipeline.cli import command, params_option, run
+from pipeline.data.images import ImageError, decode_image
+from pipeline.data.labelled_folders import list_folder
+from pipeline.data.shards import UNLABELLED, Sample, scan_shards, shard_path, write_manifest, write_shard
 from pipeline.errors import PipelineError
 from pipeline.files import check_writable, write_json
-from pipeline.labels import list_folder
-from pipeline.params import DataParams, IngestParams
-from pipeline.preprocess import ImageError, decode_image
-from pipeline.shards import Sample, scan_shards, shard_path, write_manifest, write_shard
+from pipeline.params import DataParams, IngestParams, load_params
 
 
 @dataclass
@@ -47,15 +53,36 @@ class Candidate:
     digest: str  # sha256 of the original bytes
 
 
-def collect(source: Path, ip: IngestParams, labels_file: Path | None) -> tuple[list[Candidate], Report]:
-    listing = list_folder(source, ip.pattern, labels_file, what="ingest source folder (ingest.source)")
+def collect(source: Path, ip: IngestParams, labels_file: Path | None) -> tuple[list[Candidate], list[Candidate], Report]:
+    """(labelled candidates, unlabelled candidates (when ingest.unlabelled), report)."""
+    listing = list_folder(source, ip.pattern, labels_file, what="ingest source folder (ingest.source)",
+                          unlabelled_ok=ip.unlabelled)
     report = Report(invalid=listing.invalid, ignored=listing.ignored, unlabelled=listing.unlabelled,
                     unreadable=listing.unreadable)
-    candidates = []
-    for rel, label in listing.labelled:
+
+    def read(rel: str, label: str) -> Candidate:
         data = (source / rel).read_bytes()
-        candidates.append(Candidate(rel, label, data, hashlib.sha256(data).hexdigest()))
-    return candidates, report
+        return Candidate(rel, label, data, hashlib.sha256(data).hexdigest())
+
+    labelled = [read(rel, label) for rel, label in listing.labelled]
+    unlabelled = [read(rel, "") for rel in listing.unlabelled] if ip.unlabelled else []
+    return labelled, unlabelled, report
+
+
+def screen_unlabelled(candidates: list[Candidate], labelled: list[Candidate], report: Report) -> list[Candidate]:
+    """Readable images, each once, none identical to a labelled one (which may be a test image)."""
+    seen = {c.digest for c in labelled}
+    kept = []
+    for c in sorted(candidates, key=lambda c: c.digest):
+        reason = check_image(c.data)
+        if reason:
+            report.invalid.append({"file": c.file, "reason": reason})
+        elif c.digest in seen:
+            report.duplicates.append({"file": c.file, "same_as": "a labelled or earlier unlabelled image"})
+        else:
+            seen.add(c.digest)
+            kept.append(c)
+    return kept
 
 
 def case_hint(unknown: str, charset: str, case: str) -> str:
@@ -142,14 +169,15 @@ def assign_split(digest: str, fractions: dict[str, float]) -> str:
 
 
 def ingest(data: DataParams, ip: IngestParams, source: Path | None = None, labels: Path | None = None,
-           skip_invalid: bool = False, report_path: Path = Path("reports/ingest.json")) -> dict:
+           skip_invalid: bool = False, report_path: Path = outputs.INGEST_REPORT) -> dict:
     source = Path(source or ip.source or "")
     if not str(source) or str(source) == ".":
         raise PipelineError("ingest.source: no folder given (set ingest.source or pass SOURCE)")
     labels = labels or (Path(ip.labels) if ip.labels else None)
     check_writable(Path(ip.out), report_path.parent)
-    candidates, report = collect(source, ip, labels)
+    candidates, unlabelled, report = collect(source, ip, labels)
     kept = screen(candidates, data, ip, report)
+    unlabelled = screen_unlabelled(unlabelled, candidates, report)
     if report.invalid:
         for bad in report.invalid:
             print(f"{bad['file']}: {bad['reason']}", file=sys.stderr)
@@ -163,6 +191,8 @@ def ingest(data: DataParams, ip: IngestParams, source: Path | None = None, label
     splits: dict[str, list[Candidate]] = {"train": [], "val": [], "test": []}
     for c in kept:
         splits[assign_split(c.digest, ip.fractions)].append(c)
+    if ip.unlabelled:
+        splits[UNLABELLED] = unlabelled
     if root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True)
@@ -178,7 +208,8 @@ def ingest(data: DataParams, ip: IngestParams, source: Path | None = None, label
     write_json(report_path, report.to_dict())
     print(f"ingested {len(kept)} images from {source}: " + ", ".join(f"{k} {v}" for k, v in report.per_split.items())
           + f"; {len(report.duplicates)} duplicates, {len(report.invalid)} invalid skipped"
-          + (f", {len(report.unlabelled)} not labelled yet" if report.unlabelled else ""), file=sys.stderr)
+          + (f", {len(report.unlabelled)} not labelled yet" if report.unlabelled and not ip.unlabelled else ""),
+          file=sys.stderr)
     return report.to_dict()
 
 
@@ -186,3 +217,19 @@ def _sample(c: Candidate, max_height: int = 0) -> Sample:
     png, fmt = as_png(c.data, max_height)
     return Sample(f"ingest_{c.digest[:24]}", png, c.label,
                   {"source": "ingest", "original": c.file, "format": fmt, "original_sha256": c.digest})
+
+
+@command("ingest")
+@click.argument("source", required=False, type=click.Path(path_type=Path))
+@params_option
+@click.option("--labels", type=click.Path(path_type=Path), default=None,
+              help="CSV/TSV of path,label (paths relative to SOURCE); default: labels from file names")
+@click.option("--skip-invalid", is_flag=True, help="skip invalid files (listed in reports/ingest.json)")
+def cli(source, params_path, labels, skip_invalid):
+    """Ingest a folder of labelled captchas into data/ingest/ (shards + manifest)."""
+    params = load_params(params_path)
+    ingest(params.data, params.ingest, source=source, labels=labels, skip_invalid=skip_invalid)
+
+
+if __name__ == "__main__":  # python -m pipeline.stages.NAME, as dvc.yaml runs the stages
+    run(__spec__.name)

@@ -13,6 +13,7 @@ import dataclasses
 import math
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,26 +26,30 @@ from torch import nn
 from torch.distributed.algorithms.join import Join
 from tqdm import tqdm
 
-from pipeline import checkpoint
+from pipeline import outputs
 from pipeline.charset import Charset
-from pipeline.device import autocast, pick_device, pick_precision
+from pipeline.cli import command, params_option, quiet_option, run
+from pipeline.data.shards import UNLABELLED, ShardStream, loader_workers, make_loader
+from pipeline.data.sources import load_sources, require_shards, shards_of
 from pipeline.errors import ParamsError, PipelineError
 from pipeline.files import check_writable, write_json, write_text
-from pipeline.inference import predict_batches
-from pipeline.models import build_model
-from pipeline.params import Params, TrainParams
-from pipeline.preprocess import Preprocess
-from pipeline.shards import ShardStream, loader_workers, make_loader
-from pipeline.sources import load_sources, require_shards, shards_of
-from pipeline.transfer import carry_weights
+from pipeline.model import build_model, checkpoint
+from pipeline.model.ddddocr import PACKAGED_TRUNK
+from pipeline.model.device import autocast, pick_device, pick_precision
+from pipeline.model.settings import checked
+from pipeline.model.transfer import carry_weights, from_packaged_trunk
+from pipeline.params import Params, TrainParams, load_params
+from pipeline.read.inference import predict_batches
+from pipeline.read.preprocess import Preprocess
+from pipeline.read.pseudo import confidence_threshold, write_pseudo_shard
 
 
 @dataclass(frozen=True)
 class Paths:
-    model: Path = Path("models/model.pt")
-    last: Path = Path("models/last.pt")
-    history: Path = Path("reports/train/history.tsv")
-    summary: Path = Path("reports/train.json")
+    model: Path = outputs.MODEL
+    last: Path = outputs.LAST
+    history: Path = outputs.HISTORY
+    summary: Path = outputs.TRAIN_SUMMARY
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,8 @@ def make_optimizer(model: nn.Module, tp: TrainParams) -> torch.optim.Optimizer:
     """AdamW; biases and norm weights (1-d parameters) without weight decay."""
     decay, no_decay = [], []
     for p in model.parameters():
+        if not p.requires_grad:  # train.freeze
+            continue
         (no_decay if p.ndim == 1 else decay).append(p)
     return torch.optim.AdamW([{"params": decay, "weight_decay": tp.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=tp.lr)
@@ -144,14 +151,26 @@ class Run:
     state: dict = field(default_factory=lambda: {"epoch": 0, "step": 0, "best": -1.0, "best_epoch": 0, "history": [],
                                                  "images": 0, "seconds": 0.0, "time_driven": False,
                                                  "first_step_s": 0.0})
+    train_shards: list[str] = field(default_factory=list)  # the labelled ones, as train.sources repeats them
+    n_labelled: int = 0  # samples per epoch in train_shards
+    unlabelled_shards: list[str] = field(default_factory=list)  # for train.pseudo_rounds
+    pseudo: list[dict] = field(default_factory=list)  # one entry per self-training round
 
 
 def build(params: Params, paths: Paths) -> nn.Module:
     """The model, from scratch or from train.init_from (same arch and settings; a checkpoint of
     another charset gives its trunk and the output rows of the characters both share)."""
+    params = checked(params)
     mp, tp = params.model, params.train
     model = build_model(mp.arch, mp.settings, len(params.model_charset) + 1, params.label_max_length)
-    if tp.init_from:
+    if tp.init_from == PACKAGED_TRUNK:
+        if mp.arch != "ddddocr" or (mp.settings.height, mp.settings.channels, mp.settings.hidden) != (64, 1, 512):
+            raise ParamsError("train.init_from: ddddocr needs model.arch ddddocr with height 64, channels 1, hidden 512")
+        new = from_packaged_trunk(model, params.model_charset)
+        if new:
+            print(f"train.init_from: ddddocr: {len(new)} characters new to it start fresh: {''.join(new)!r}",
+                  file=sys.stderr)
+    elif tp.init_from:
         source = Path(tp.init_from)
         if source.resolve() in (paths.model.resolve(), paths.last.resolve()):
             raise ParamsError(f"train.init_from: {source} is this stage's own output, which DVC deletes "
@@ -164,7 +183,20 @@ def build(params: Params, paths: Paths) -> nn.Module:
         if new:
             print(f"train.init_from: {source}: {len(new)} characters new to it start fresh: {''.join(new)!r}",
                   file=sys.stderr)
+    freeze(model, tp.freeze)
     return model
+
+
+def freeze(model: nn.Module, prefixes: list[str]) -> None:
+    """Keep the parameters whose names start with one of `prefixes` as they are."""
+    names = [name for name, _ in model.named_parameters()]
+    for i, prefix in enumerate(prefixes):
+        if not any(name == prefix or name.startswith(prefix + ".") for name in names):
+            raise ParamsError(f"train.freeze[{i}]: no parameter of model {type(model).__name__} is named {prefix!r} "
+                              f"or under it (e.g. {names[0]!r})")
+    for name, parameter in model.named_parameters():
+        if any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes):
+            parameter.requires_grad_(False)
 
 
 def set_up(params: Params, ranks: Ranks, paths: Paths) -> Run:
@@ -180,6 +212,9 @@ def set_up(params: Params, ranks: Ranks, paths: Paths) -> Run:
 
     sources = load_sources(tp.sources)
     train_shards, val_shards = require_shards(sources, "train", "train"), shards_of(sources, "val")
+    unlabelled_shards = [shard for shard, _ in shards_of(sources, UNLABELLED)]
+    if tp.pseudo_rounds:
+        check_self_training(tp, ranks, val_shards, unlabelled_shards)
     n_train = sum(n for _, n in train_shards)
     total_steps = tp.epochs * math.ceil(n_train / (ranks.world * tp.batch_size))
     optimizer = make_optimizer(model, tp)
@@ -208,7 +243,8 @@ def set_up(params: Params, ranks: Ranks, paths: Paths) -> Run:
         val_loader = make_loader(val_stream, loader_workers(len(val_shards), ranks.world, tp.workers, "val",
                                                         every_rank=False))
     run = Run(params, ranks, device, precision, charset, model, net, optimizer, scaler, train_stream,
-              train_loader, val_loader, workers, n_train, total_steps)
+              train_loader, val_loader, workers, n_train, total_steps,
+              train_shards=[s for s, _ in train_shards], n_labelled=n_train, unlabelled_shards=unlabelled_shards)
     if state is not None:
         run.state = {"time_driven": False, "first_step_s": 0.0, **state}
     return run
@@ -283,17 +319,71 @@ def overruns(state: dict, elapsed: float, budget: float, total_steps: int) -> bo
     return step >= 2 and first + (elapsed - first) / (step - 1) * (total_steps - 1) > budget
 
 
-def val_accuracy(run: Run) -> float:
-    """Full-sequence accuracy over the val split, summed over ranks (each reads its own shards)."""
+def val_readings(run: Run) -> list[tuple[str, str, float]]:
+    """(truth, reading, confidence) over this rank's share of the val split."""
     if run.val_loader is None:
-        return 0.0
-    correct = total = 0
-    for truth, pred, _conf, _key in predict_batches(run.model, run.val_loader, run.device, run.precision,
-                                                    run.charset, run.params.model.ctc):
-        correct += truth == pred
-        total += 1
-    correct, total = _sum_over_ranks(correct, run.ranks), _sum_over_ranks(total, run.ranks)
+        return []
+    return [(truth, pred, conf) for truth, pred, conf, _key in predict_batches(
+        run.model, run.val_loader, run.device, run.precision, run.charset, run.params.model.ctc)]
+
+
+def val_accuracy(readings: list[tuple[str, str, float]], ranks: Ranks) -> float:
+    """Full-sequence accuracy over the val split, summed over ranks (each reads its own shards)."""
+    correct = _sum_over_ranks(sum(truth == pred for truth, pred, _ in readings), ranks)
+    total = _sum_over_ranks(len(readings), ranks)
     return correct / total if total else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# self-training (train.pseudo_rounds): after each of the rounds, spread evenly over the run, the
+# model reads the unlabelled samples; the readings confident enough (on val) join the training set
+
+
+def check_self_training(tp: TrainParams, ranks: Ranks, val_shards, unlabelled_shards) -> None:
+    if not unlabelled_shards:
+        raise ParamsError("train.pseudo_rounds: the sources hold no unlabelled samples (ingest them with "
+                          "ingest.unlabelled: true)")
+    if not val_shards:
+        raise ParamsError("train.pseudo_rounds: needs a val split to choose the confidence threshold on")
+    if ranks.world > 1 or tp.resume:
+        raise ParamsError("train.pseudo_rounds: runs in one process and from the start (not under torchrun, "
+                          "not with train.resume)")
+
+
+def pseudo_round_due(run: Run) -> bool:
+    """Round k of n is due once the run is k/(n+1) of the way through its epochs or its time budget."""
+    tp, state = run.params.train, run.state
+    done = state["epoch"] / tp.epochs
+    if tp.max_minutes:
+        done = max(done, state["seconds"] / (tp.max_minutes * 60))
+    return len(run.pseudo) < tp.pseudo_rounds and done >= (len(run.pseudo) + 1) / (tp.pseudo_rounds + 1)
+
+
+def pseudo_round(run: Run, readings: list[tuple[str, str, float]], folder: Path) -> dict:
+    """Read the unlabelled samples, keep the confident readings as labels, train on them from now on."""
+    tp = run.params.train
+    started = time.perf_counter()
+    threshold = confidence_threshold(readings, tp.pseudo_precision)
+    stream = ShardStream(run.unlabelled_shards, run.val_loader.dataset.transform, 256)
+    labels, total = {}, 0
+    for _truth, text, conf, key in predict_batches(run.model, make_loader(stream, 0), run.device, run.precision,
+                                                   run.charset, run.params.model.ctc):
+        total += 1
+        if text and conf >= threshold:
+            labels[key] = text
+    shard = folder / f"pseudo-{len(run.pseudo):02d}.tar"
+    kept = write_pseudo_shard(run.unlabelled_shards, labels, shard) if labels else 0
+    shards = run.train_shards + ([str(shard)] if kept else [])
+    run.train_stream.shards = shards  # read from the next epoch on, by the workers started then
+    run.train_loader = make_loader(run.train_stream, min(run.workers, len(shards)),
+                                   pin_memory=run.device.type == "cuda")
+    run.n_train = run.n_labelled + kept
+    remaining = tp.epochs - run.state["epoch"]
+    run.total_steps = run.state["step"] + remaining * math.ceil(run.n_train / tp.batch_size)
+    seconds = time.perf_counter() - started
+    run.state["seconds"] += seconds  # self-training spends the training budget
+    return {"round": len(run.pseudo) + 1, "after_epoch": run.state["epoch"], "threshold": round(threshold, 6),
+            "pseudo_labels": kept, "unlabelled": total, "seconds": round(seconds, 1)}
 
 
 def save_checkpoints(run: Run, paths: Paths, epoch: int, val_acc: float, improved: bool) -> None:
@@ -311,15 +401,18 @@ def save_checkpoints(run: Run, paths: Paths, epoch: int, val_acc: float, improve
 
 def train(params: Params, paths: Paths = Paths(), on_epoch_end: Callable[[int], None] | None = None,
           progress: bool = True) -> dict:
+    params = checked(params)  # model settings, checked by their architecture
     tp = params.train
     ranks = init_distributed(tp.device)
     if ranks.main:  # a folder that cannot take the checkpoints fails now, not after an epoch
         check_writable(*{p.parent for p in (paths.model, paths.last, paths.history, paths.summary)})
     run = set_up(params, ranks, paths)
     state, stop_reason = run.state, "completed"
+    pseudo_folder = tempfile.TemporaryDirectory(prefix="pseudo-") if tp.pseudo_rounds else None
     for epoch in range(state["epoch"], tp.epochs):
         result = run_epoch(run, epoch, progress)
-        val_acc = val_accuracy(run)
+        readings = val_readings(run)
+        val_acc = val_accuracy(readings, ranks)
         state["epoch"] = epoch + 1
         state["images"] += result["images"]
         state["seconds"] += result["seconds"]
@@ -338,6 +431,10 @@ def train(params: Params, paths: Paths = Paths(), on_epoch_end: Callable[[int], 
             save_checkpoints(run, paths, epoch + 1, val_acc, improved)
         if on_epoch_end:
             on_epoch_end(epoch + 1)
+        if tp.pseudo_rounds and pseudo_round_due(run) and epoch + 1 < tp.epochs:
+            run.pseudo.append(pseudo_round(run, readings, Path(pseudo_folder.name)))
+            print("self-training: {pseudo_labels} of {unlabelled} unlabelled captchas read at confidence >= "
+                  "{threshold} join training ({seconds} s)".format(**run.pseudo[-1]), file=sys.stderr)
         if tp.patience and epoch + 1 - state["best_epoch"] >= tp.patience:
             stop_reason = "patience"
             break
@@ -351,7 +448,10 @@ def train(params: Params, paths: Paths = Paths(), on_epoch_end: Callable[[int], 
         "images_per_second": round(state["images"] / state["seconds"], 1) if state["seconds"] else 0.0,
         "device": str(run.device), "precision": run.precision, "ranks": ranks.world, "loader_workers": run.workers,
         "parameters": sum(p.numel() for p in run.model.parameters()), "stopped": stop_reason,
+        "pseudo_rounds": run.pseudo,
     }
+    if pseudo_folder is not None:
+        pseudo_folder.cleanup()
     if ranks.main:
         write_json(paths.summary, summary)
     if ranks.world > 1:
@@ -376,3 +476,15 @@ def write_history(path: Path, history: list[dict]) -> None:
     columns = list(history[0])
     lines = ["\t".join(columns)] + ["\t".join(str(row[c]) for c in columns) for row in history]
     write_text(path, "\n".join(lines) + "\n")
+
+
+@command("train")
+@params_option
+@quiet_option
+def cli(params_path, quiet):
+    """Train on the shards; write models/model.pt (best on val) and reports/train*."""
+    train(load_params(params_path), progress=not quiet)
+
+
+if __name__ == "__main__":  # python -m pipeline.stages.NAME, as dvc.yaml runs the stages
+    run(__spec__.name)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import require
-from pipeline.models.layers import InputSettings, conv_bn_relu
+from pipeline.model.layers import InputSettings, conv_bn_relu
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.data.images import IMAGE_SUFFIXES
 from pipeline.errors import PipelineError
-from pipeline.preprocess import IMAGE_SUFFIXES
 
 
 def read_labels_file(path: Path) -> tuple[dict[str, str], set[str]]:
@@ -61,9 +61,11 @@ class Listing:
     unreadable: list[str] = field(default_factory=list)  # images the labels file marks unreadable
 
 
-def list_folder(folder: Path, pattern: str, labels_file: Path | None = None, what: str = "folder") -> Listing:
+def list_folder(folder: Path, pattern: str, labels_file: Path | None = None, what: str = "folder",
+                unlabelled_ok: bool = False) -> Listing:
     """Every image of `folder` (recursively, hidden files skipped) with its label: from `labels_file`
-    when given, else from its file name (`pattern`, a regex with a `label` group)."""
+    when given, else from its file name (`pattern`, a regex with a `label` group). `unlabelled_ok`:
+    a name the pattern does not match is an unlabelled image, not an invalid one."""
     if not folder.is_dir():
         raise PipelineError(f"{folder}: {what} not found")
     listing = Listing()
@@ -84,6 +86,9 @@ def list_folder(folder: Path, pattern: str, labels_file: Path | None = None, wha
         else:
             match = regex.search(path.name)
             label = match.group("label") if match else None
+            if label is None and unlabelled_ok:
+                listing.unlabelled.append(rel)
+                continue
             if label is None:
                 listing.invalid.append({"file": rel, "reason": f"file name does not match ingest.pattern {pattern!r}"})
                 continue

@@ -1,6 +1,5 @@
-"""Images in: decoding (`decode_image`, the one function that reads stored or uploaded image
-bytes) and image -> model input (`Preprocess`, the one function that training, evaluation,
-prediction, serving and the ONNX path all use). The checkpoint records its settings.
+"""Image -> model input: `Preprocess`, the one function that training, evaluation, prediction,
+serving and the ONNX path all use. The checkpoint records its settings.
 
 Any input is accepted: a path, bytes, a PIL image or a numpy array, of any mode (RGB, RGBA, L,
 LA, P, 1, I;16, I, F) and size. Transparency is composited onto white, 16-bit and float images
@@ -9,63 +8,16 @@ input size (bilinear, with antialiasing when shrinking).
 """
 from __future__ import annotations
 
-import io
 import math
 import random
-import warnings
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFilter
 
-# The image formats that ingest, predict and serve accept (detected from content, not name).
-FORMATS = {"PNG", "JPEG", "GIF", "BMP", "WEBP"}
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp"}
+from pipeline.data.images import load_image
 
-
-class ImageError(ValueError):
-    """Bytes that are not a usable image. `kind`: unreadable | format | too_large | corrupt."""
-
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind = kind
-
-
-def open_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
-    """Bytes -> PIL image, its header checked (readable, accepted format, pixel count) but its
-    pixels not yet decoded: callers can weigh what decoding will cost first."""
-    if not data:
-        raise ImageError("unreadable", "empty file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError("too_large", f"image too large: {e}") from None
-    except (OSError, SyntaxError, ValueError):
-        raise ImageError("unreadable", "not an image (PNG, JPEG, GIF, BMP or WebP)") from None
-    if image.format not in FORMATS:
-        raise ImageError("format", f"unsupported image format {image.format}")
-    width, height = image.size
-    if width <= 0 or height <= 0 or (max_pixels is not None and width * height > max_pixels):
-        raise ImageError("too_large", f"image of {width}x{height} pixels is over the limit of {max_pixels}")
-    return image
-
-
-def load_pixels(image: Image.Image) -> Image.Image:
-    """Decode an `open_image` result now: truncated files fail here, not later."""
-    try:
-        image.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageError("corrupt", f"truncated or corrupt image ({e})") from None
-    return image
-
-
-def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
-    """Bytes -> decoded PIL image (first frame of animations), checked in this order: readable
-    header, accepted format, pixel count (from the header, before decoding), then the pixels."""
-    return load_pixels(open_image(data, max_pixels))
+RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "lanczos": Image.Resampling.LANCZOS}
 
 
 @dataclass(frozen=True)
@@ -76,11 +28,15 @@ class Preprocess:
     mean: float = 0.5
     std: float = 0.5
     keep_aspect: bool = False  # checkpoints written before it squashed every image to height x width
+    resample: str = "bilinear"  # bilinear | lanczos (ddddocr's)
 
     @classmethod
     def of(cls, settings) -> "Preprocess":
-        """The input of a model's settings (height, width, channels, keep_aspect)."""
-        return cls(settings.height, settings.width, settings.channels, keep_aspect=settings.keep_aspect)
+        """The input of a model's settings (height, width, channels, keep_aspect; an arch may
+        set its own mean, std and resample, as ddddocr's trunk does)."""
+        return cls(settings.height, settings.width, settings.channels, keep_aspect=settings.keep_aspect,
+                   mean=getattr(settings, "mean", 0.5), std=getattr(settings, "std", 0.5),
+                   resample=getattr(settings, "resample", "bilinear"))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -101,7 +57,7 @@ class Preprocess:
         if self.keep_aspect:  # the height fixed, the width as the aspect ratio gives, up to self.width
             w, h = (box[2] - box[0], box[3] - box[1]) if box else pil.size
             width = max(1, min(self.width, round(w * self.height / h)))
-        pil = pil.resize((width, self.height), Image.Resampling.BILINEAR, box=box)
+        pil = pil.resize((width, self.height), RESAMPLE[self.resample], box=box)
         if distort and rng.random() < 0.3:
             pil = pil.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.8)))
         arr = np.asarray(pil, dtype=np.float32)
@@ -115,33 +71,6 @@ class Preprocess:
     def batch(self, images) -> np.ndarray:
         return np.stack([self(im) for im in images]) if images else np.zeros(
             (0, self.channels, self.height, self.width), np.float32)
-
-
-def load_image(image) -> Image.Image:
-    """Paths and bytes are decoded (`decode_image`), arrays wrapped, PIL images kept as they are."""
-    if isinstance(image, Image.Image):
-        return image
-    if isinstance(image, np.ndarray):
-        return _from_array(image)
-    if isinstance(image, (str, Path)):
-        return decode_image(Path(image).read_bytes())
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        return decode_image(bytes(image))
-    raise TypeError(f"cannot read an image from {type(image).__name__}")
-
-
-def _from_array(arr: np.ndarray) -> Image.Image:
-    if arr.ndim == 3 and arr.shape[2] == 1:
-        arr = arr[:, :, 0]
-    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
-        raise ValueError(f"array of shape {arr.shape} is not an image (H x W, H x W x 3 or 4)")
-    if arr.dtype == np.uint16:
-        arr = (arr // 257).astype(np.uint8)
-    elif arr.dtype.kind == "f":
-        arr = np.clip(arr * 255 if arr.max(initial=0) <= 1.0 else arr, 0, 255).astype(np.uint8)
-    elif arr.dtype != np.uint8:
-        arr = np.clip(arr, 0, 255).astype(np.uint8)
-    return Image.fromarray(np.ascontiguousarray(arr))
 
 
 def to_model_mode(pil: Image.Image, channels: int) -> Image.Image:

@@ -22,11 +22,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import click
 from flask import Flask, abort, jsonify, request, send_file
 
+from pipeline.cli import command, model_option, run
+from pipeline.data.images import IMAGE_SUFFIXES, ImageError, decode_image
 from pipeline.errors import PipelineError
-from pipeline.preprocess import IMAGE_SUFFIXES, ImageError, decode_image
-from pipeline.recognizer import Recognizer
+from pipeline.read.recognizer import Recognizer
 
 COLUMNS = ["path", "label", "status", "who", "when", "model_text", "model_confidence"]
 STATUSES = ("labelled", "auto", "unreadable")
@@ -247,3 +249,22 @@ def label(folder: Path, model: Path, labels: Path | None, host: str, port: int, 
     print(f"{p['total']} images ({p['remaining']} to label, {len(session.bad)} unreadable files); "
           f"answers in {session.log.path}; open http://{host}:{port}/", flush=True)
     waitress.serve(create_app(session), host=host, port=port, threads=4, ident="captcha-crnn-label", _quiet=True)
+
+
+@command("label")
+@click.argument("folder", type=click.Path(path_type=Path))
+@model_option
+@click.option("--labels", type=click.Path(path_type=Path), default=None,
+              help="the labels CSV to append to [default: FOLDER/labels.csv]; ingest reads it as ingest.labels")
+@click.option("--accept-above", type=click.FloatRange(0, 1), default=None,
+              help="write readings of at least this confidence as labels without asking (status auto)")
+@click.option("--user", default=None, help="who is labelling (the CSV's who column) [default: login name]")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8001, show_default=True, type=click.IntRange(1, 65535))
+def cli(folder, model_path, labels, accept_above, user, host, port):
+    """Label FOLDER's captchas in a web page, the model's reading pre-filled, least confident first."""
+    label(folder, model_path, labels, host, port, accept_above, who=user)
+
+
+if __name__ == "__main__":  # python -m pipeline.tools.NAME
+    run(__spec__.name)

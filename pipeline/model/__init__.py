@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from pipeline.models import crnn, ctc_conv, fast, multihead
+from pipeline.model import crnn, ctc_conv, ddddocr, fast, multihead
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,7 @@ ARCHS = {
     "ctc_gru": Arch(ctc_conv.Settings, ctc_conv.gru),
     "ctc_lstm": Arch(ctc_conv.Settings, ctc_conv.lstm),
     "multihead": Arch(multihead.Settings, multihead.MultiHead, ctc=False),
+    "ddddocr": Arch(ddddocr.Settings, ddddocr.DdddOcrNet),
 }
 
 

@@ -7,10 +7,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import checkpoint
+from pipeline import outputs
 from pipeline.errors import PipelineError
 from pipeline.files import file_sha256
-from pipeline.inference import decode_texts, model_probs, softmax
+from pipeline.model import checkpoint
+from pipeline.read.inference import decode_texts, model_probs, softmax
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class Recognizer:
     checkpoint (its metadata records the checkpoint's sha256); True insists on it, False uses torch.
     """
 
-    def __init__(self, model_path: str | Path = "models/model.pt", onnx: bool | None = None,
+    def __init__(self, model_path: str | Path = outputs.MODEL, onnx: bool | None = None,
                  onnx_path: str | Path | None = None, threads: int | None = None):
         model_path = Path(model_path)
         self.bundle = checkpoint.load(model_path)

@@ -7,9 +7,12 @@ import sys
 from pathlib import Path
 from typing import Iterable, Iterator, TextIO
 
+import click
+
+from pipeline.cli import command, model_option, onnx_option, run
+from pipeline.data.images import IMAGE_SUFFIXES, load_image
 from pipeline.errors import PipelineError
-from pipeline.preprocess import IMAGE_SUFFIXES, load_image
-from pipeline.recognizer import Recognizer
+from pipeline.read.recognizer import Recognizer
 
 
 def expand_inputs(inputs: Iterable[str]) -> Iterator[Path]:
@@ -62,3 +65,25 @@ def check_allowed(recognizer: Recognizer, allowed: str | None) -> None:
         recognizer.charset.mask(allowed)
     except ValueError as e:
         raise PipelineError(f"--allowed: {e}") from None
+
+
+@command("predict")
+@click.argument("inputs", nargs=-1, required=True)
+@model_option
+@onnx_option
+@click.option("--beam", default=1, show_default=True, type=click.IntRange(1, 64), help="CTC beam width")
+@click.option("--allowed", default=None, help="restrict the output to these characters")
+@click.option("--case", type=click.Choice(["upper", "lower"]), default=None,
+              help="read letters case-insensitively and answer in this case")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
+def cli(inputs, model_path, onnx, beam, allowed, case, batch_size):
+    """Read images (files, folders, globs); print {"path", "text", "confidence"} per line."""
+    recognizer = Recognizer(model_path, onnx=onnx)
+    check_allowed(recognizer, allowed)
+    failures = predict_paths(recognizer, expand_inputs(inputs), batch_size=batch_size, beam=beam,
+                             allowed=allowed, case=case)
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":  # python -m pipeline.tools.NAME
+    run(__spec__.name)

@@ -7,7 +7,6 @@ scanning the shards, so it can never disagree with them.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import multiprocessing
 import random
@@ -25,11 +24,12 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset
 
-from pipeline.files import atomic_write
+from pipeline.data.seeds import derive_seed
 from pipeline.errors import DataError, PipelineError
-from pipeline.seeds import derive_seed
+from pipeline.files import atomic_write
 
 SPLITS = ("train", "val", "test")
+UNLABELLED = "unlabelled"  # ingest.unlabelled: images without a label, for self-training only
 
 
 def shard_path(root: Path, split: str, index: int) -> Path:

@@ -9,12 +9,14 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-import yaml
+import click
 from ruamel.yaml import YAML
 
+from pipeline.cli import command, params_option, run
 from pipeline.errors import PipelineError
 from pipeline.files import write_text
-from pipeline.params import load_params
+from pipeline.model.settings import load_model_params
+from pipeline.params import read_yaml
 
 PROFILES = Path(__file__).resolve().parents[2] / "profiles"
 
@@ -30,7 +32,7 @@ def find_profile(name: str) -> Path:
 def apply_profile(name: str, params_path: Path) -> list[str]:
     """Write the profile's keys into params_path; return them as `section.key` strings."""
     profile_path = find_profile(name)
-    profile = yaml.safe_load(profile_path.read_text()) or {}
+    profile = read_yaml(profile_path)  # the one YAML dialect: params.yaml's (`3e-3` is a float)
     rt = YAML()
     rt.preserve_quotes = True
     try:
@@ -52,8 +54,21 @@ def apply_profile(name: str, params_path: Path) -> list[str]:
     check = params_path.with_name(f".{params_path.name}.profile-check")
     try:
         check.write_text(out.getvalue(), encoding="utf-8")
-        load_params(check)  # one line naming the key if the profile made it invalid
+        load_model_params(check)  # one line naming the key if the profile made it invalid
     finally:
         check.unlink(missing_ok=True)
     write_text(params_path, out.getvalue())
     return changed
+
+
+@command("profile")
+@click.argument("name")
+@params_option
+def cli(name, params_path):
+    """Write a named set of params (profiles/NAME.yaml: general, finetune) into params.yaml."""
+    changed = apply_profile(name, params_path)
+    click.echo(f"{params_path}: " + (", ".join(changed) if changed else "nothing to change"))
+
+
+if __name__ == "__main__":  # python -m pipeline.tools.NAME
+    run(__spec__.name)

@@ -7,9 +7,10 @@ letters case-insensitively), per-character size, rotation, offset and spacing (o
 times), noise dots, lines and arcs, a perspective or wave warp, and blur. One image in five is
 instead the `captcha` package's style at a random size and font.
 
-The fonts are files: by default GENERAL_FONTS (Debian's fonts-dejavu-core, fonts-dejavu-extra and
-fonts-liberation, and the font `captcha` bundles). benchmarks/yardstick.py renders its unseen
-styles with other fonts, which the general model must never see (YARDSTICK_FONTS).
+The fonts are files: by default GENERAL_FONTS, 35 faces of 13 families (the font `captcha`
+bundles, Debian's DejaVu Sans and Liberation Mono and Sans Narrow, and nine families from PyPI font
+wheels; pipeline/system_files.py says where each comes from). benchmarks/yardstick.py renders its
+unseen styles with other fonts, which the general model must never see (YARDSTICK_FONTS).
 """
 from __future__ import annotations
 
@@ -17,17 +18,14 @@ import io
 import math
 import random
 from functools import lru_cache
-from pathlib import Path
 
 import captcha.image
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from pipeline.errors import ParamsError
-from pipeline.params import DataParams
-from pipeline.render import Renderer
+from pipeline.data.captcha_style import Renderer
+from pipeline.system_files import DEJAVU, LIBERATION, pypi_fonts
 
-DEJAVU, LIBERATION = "/usr/share/fonts/truetype/dejavu", "/usr/share/fonts/truetype/liberation"
 GENERAL_FONTS = [
     *captcha.image.DEFAULT_FONTS,
     f"{DEJAVU}/DejaVuSans.ttf", f"{DEJAVU}/DejaVuSans-Bold.ttf", f"{DEJAVU}/DejaVuSans-Oblique.ttf",
@@ -37,6 +35,7 @@ GENERAL_FONTS = [
     f"{LIBERATION}/LiberationMono-Regular.ttf", f"{LIBERATION}/LiberationMono-Bold.ttf",
     f"{LIBERATION}/LiberationMono-Italic.ttf", f"{LIBERATION}/LiberationSansNarrow-Regular.ttf",
     f"{LIBERATION}/LiberationSansNarrow-Bold.ttf", f"{LIBERATION}/LiberationSansNarrow-Italic.ttf",
+    *pypi_fonts(),  # nine more families, from PyPI font wheels
 ]
 # Serif faces and the wide Liberation Sans: the yardstick's unseen styles are drawn with these.
 YARDSTICK_FONTS = [
@@ -182,34 +181,3 @@ class MixedRenderer:
         out = io.BytesIO()
         self.image(text, seed).save(out, format="PNG", compress_level=1)
         return out.getvalue()
-
-
-def renderer_for(data: DataParams):
-    """The renderer of data.style: `captcha` (the package's style at data.width x data.height) or `mixed`."""
-    if data.style == "mixed":
-        return MixedRenderer(data.fonts or None)
-    return Renderer.from_params(data)
-
-
-def check_fonts(data: DataParams) -> None:
-    """Raise ParamsError if a font of the style is missing or cannot draw a character it will be
-    asked for (`mixed` draws letters in both cases)."""
-    if data.style == "mixed":
-        fonts, key = data.fonts or GENERAL_FONTS, "data.fonts" if data.fonts else "data.style"
-        chars = "".join(dict.fromkeys(data.charset + data.charset.swapcase()))
-    else:
-        fonts, key, chars = data.fonts or captcha.image.DEFAULT_FONTS, "data.fonts", data.charset
-    for i, path in enumerate(fonts):
-        where = f"data.fonts[{i}]" if data.fonts else key
-        if not Path(path).is_file():
-            raise ParamsError(f"{where}: font file not found: {path} (Debian: fonts-dejavu-core, "
-                              f"fonts-dejavu-extra, fonts-liberation)")
-        try:
-            font = ImageFont.truetype(path, 32)
-        except OSError as e:
-            raise ParamsError(f"{where}: cannot load font {path} ({e})") from None
-        # A missing glyph renders as the font's .notdef box: the same bitmap for every such char.
-        notdef = bytes(font.getmask("\U000f0000"))
-        missing = [c for c in chars if bytes(font.getmask(c)) == notdef]
-        if missing:
-            raise ParamsError(f"data.charset: font {path} cannot draw {''.join(missing)!r}")

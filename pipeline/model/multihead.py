@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from pipeline.errors import require
-from pipeline.models.ctc_conv import CHANNELS, reference_trunk
-from pipeline.models.layers import InputSettings, check_dropout
+from pipeline.model.ctc_conv import CHANNELS, reference_trunk
+from pipeline.model.layers import InputSettings, check_dropout
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import require
-from pipeline.models.layers import InputSettings, SequenceHead, conv_bn_relu
+from pipeline.model.layers import InputSettings, SequenceHead, conv_bn_relu
 
 CHANNELS = (32, 64, 128, 256, 256)
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.data.shards import read_manifest, split_shards
 from pipeline.errors import DataError, PipelineError
-from pipeline.shards import read_manifest, split_shards
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import require
-from pipeline.models.layers import InputSettings, SequenceHead, check_dropout, conv_bn_relu
+from pipeline.model.layers import InputSettings, SequenceHead, check_dropout, conv_bn_relu
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,2 @@
+"""The reading wing: image -> text (preprocess, the one forward pass, CTC decoding, the recognizer,
+metrics)."""

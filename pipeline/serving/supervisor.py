@@ -1,0 +1,88 @@
+"""A fork-based supervisor: --workers processes serving one listening socket, each replaced when it
+dies and all dying with the supervisor, even when it is killed."""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+import time
+
+from pipeline.errors import PipelineError
+
+log = logging.getLogger("captcha-crnn.serve")
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGTERM this process when its parent dies, even by SIGKILL."""
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the supervisor's SIGTERM still stops the workers
+    if os.getppid() != parent:
+        os._exit(0)
+
+
+def supervise(workers: int, start_worker, quick_failure_s: float = 10.0) -> None:
+    """Fork `workers` processes running start_worker(); replace any that exits, stop them all on
+    SIGTERM/SIGINT. A worker that fails at start-up (exit 2, a config error it has printed) stops all."""
+    children: dict[int, float] = {}
+    stopping = False
+
+    def stop(*_):
+        nonlocal stopping
+        stopping = True
+        for pid in list(children):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def spawn():
+        pid = os.fork()
+        if pid == 0:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            die_with_parent()
+            code = 1
+            try:
+                start_worker()
+                code = 0
+            except PipelineError as e:
+                print(f"error: {e}", file=sys.stderr)
+                code = 2
+            finally:
+                sys.stderr.flush()
+                os._exit(code)
+        children[pid] = time.monotonic()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for _ in range(workers):
+        spawn()
+    failed_at_start = False
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        started = children.pop(pid, None)
+        if started is None or stopping:
+            continue
+        code = os.waitstatus_to_exitcode(status)
+        if code == 2 and time.monotonic() - started < quick_failure_s:
+            failed_at_start = True
+            stop()
+            continue
+        log.warning("worker %d exited (%s); starting another", pid, code)
+        time.sleep(0.5)  # a worker that keeps crashing must not spin the machine
+        spawn()
+    if failed_at_start:
+        sys.exit(2)
+
+
+def default_workers() -> int:
+    """One process per core (measured fastest on 2 cores: README), at most 8."""
+    return max(1, min(8, os.cpu_count() or 1))

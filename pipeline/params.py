@@ -8,6 +8,7 @@ data stages do not depend on it.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import re
@@ -40,7 +41,8 @@ _Loader.add_implicit_resolver(
 
 def _mapping_without_duplicates(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
     keys = [loader.construct_object(key, deep=deep) for key, _ in node.value]
-    duplicates = sorted({str(k) for k in keys if keys.count(k) > 1})
+    counts = collections.Counter(str(k) for k in keys)
+    duplicates = sorted(k for k, n in counts.items() if n > 1)
     if duplicates:
         raise yaml.constructor.ConstructorError(None, None, f"duplicate key {duplicates[0]!r}", node.start_mark)
     return loader.construct_mapping(node, deep=deep)
@@ -63,6 +65,8 @@ def read_yaml(path: Path) -> dict:
         raise ParamsError(f"{path}: not UTF-8 text (byte {e.start})") from None
     try:
         data = yaml.load(text, Loader=_Loader) or {}
+    except RecursionError:
+        raise ParamsError(f"{path}: not valid YAML (nested too deeply)") from None
     except yaml.YAMLError as e:
         where = f", line {e.problem_mark.line + 1}" if getattr(e, "problem_mark", None) else ""
         reason = getattr(e, "problem", None) or str(e).splitlines()[0]
@@ -121,6 +125,12 @@ def _positive(obj, prefix: str, *names: str) -> None:
         require(getattr(obj, name) > 0, f"{prefix}.{name}", f"must be positive, got {getattr(obj, name)!r}")
 
 
+def _at_most(obj, prefix: str, limit: int, *names: str) -> None:
+    """Sizes bounded at load, so that a typo cannot ask a stage for 10^21 captchas or workers."""
+    for name in names:
+        require(getattr(obj, name) <= limit, f"{prefix}.{name}", f"must be at most {limit:,}, got {getattr(obj, name)!r}")
+
+
 def _one_of(obj, prefix: str, name: str, choices: tuple[str, ...]) -> None:
     value = getattr(obj, name)
     require(value in choices, f"{prefix}.{name}", f"expected one of {', '.join(choices)}, got {value!r}")
@@ -139,6 +149,7 @@ class Splits:
     def check(self, prefix: str) -> None:
         for name, count in self.items():
             require(count >= 0, f"{prefix}.{name}", f"must be >= 0, got {count}")
+        _at_most(self, prefix, 10**8, "train", "val", "test")
         require(self.train + self.val + self.test > 0, prefix, "all splits are empty")
 
     def items(self):
@@ -167,12 +178,15 @@ class DataParams:
         bad = [c for c in self.charset if not c.isprintable() or c.isspace()]
         require(not bad, f"{prefix}.charset", f"whitespace or unprintable characters {bad!r}")
         _positive(self, prefix, "min_length", "max_length", "width", "height", "workers", "shard_size")
+        _at_most(self, prefix, 64, "max_length", "workers")
+        _at_most(self, prefix, 4096, "width", "height")
+        _at_most(self, prefix, 10**6, "shard_size")
         require(self.min_length <= self.max_length, f"{prefix}.min_length",
                 f"{self.min_length} is greater than max_length {self.max_length}")
         require(self.style in ("captcha", "mixed"), f"{prefix}.style", f"must be captcha or mixed, got {self.style!r}")
         require(bool(self.font_sizes), f"{prefix}.font_sizes", "must not be empty")
         for i, size in enumerate(self.font_sizes):
-            require(size > 0, f"{prefix}.font_sizes[{i}]", f"must be positive, got {size}")
+            require(0 < size <= 1000, f"{prefix}.font_sizes[{i}]", f"must be from 1 to 1000, got {size}")
         for i, font in enumerate(self.fonts):
             require(Path(font).is_file(), f"{prefix}.fonts[{i}]", f"font file not found: {font}")
 
@@ -232,6 +246,10 @@ class TrainParams:
 
     def check(self, prefix: str) -> None:
         _positive(self, prefix, "lr", "epochs", "batch_size", "shuffle_buffer")
+        _at_most(self, prefix, 10**7, "epochs", "shuffle_buffer")
+        _at_most(self, prefix, 65536, "batch_size")
+        _at_most(self, prefix, 64, "workers")
+        _at_most(self, prefix, 100, "pseudo_rounds")
         require(self.workers >= 0, f"{prefix}.workers", f"must be >= 0, got {self.workers}")
         _one_of(self, prefix, "device", ("auto", "cpu", "cuda"))
         _one_of(self, prefix, "precision", ("auto", "fp32", "bf16", "fp16"))
@@ -258,6 +276,9 @@ class EvaluateParams:
 
     def check(self, prefix: str) -> None:
         _positive(self, prefix, "batch_size")
+        _at_most(self, prefix, 65536, "batch_size")
+        _at_most(self, prefix, 64, "workers")
+        _at_most(self, prefix, 1024, "error_grid")
         for name in ("workers", "error_grid"):
             require(getattr(self, name) >= 0, f"{prefix}.{name}", f"must be >= 0, got {getattr(self, name)}")
         _one_of(self, prefix, "device", ("auto", "cpu", "cuda"))
@@ -276,6 +297,7 @@ class ExportParams:
         # the TorchScript exporter of torch 2.13 writes opsets 7 to 20
         require(7 <= self.opset <= 20, f"{prefix}.opset", f"must be from 7 to 20, got {self.opset}")
         _positive(self, prefix, "parity_samples", "atol")
+        _at_most(self, prefix, 10**6, "parity_samples")
 
 
 @dataclass(frozen=True)
@@ -302,6 +324,9 @@ class IngestParams:
 
     def check(self, prefix: str) -> None:
         _positive(self, prefix, "shard_size")
+        _at_most(self, prefix, 10**6, "shard_size")
+        _at_most(self, prefix, 64, "max_length")
+        _at_most(self, prefix, 4096, "max_height")
         require(self.max_length >= 0, f"{prefix}.max_length", f"must be >= 0, got {self.max_length}")
         bad = [c for c in self.extra_chars if not c.isprintable() or c.isspace()]
         require(not bad, f"{prefix}.extra_chars", f"whitespace or unprintable characters {bad!r}")

@@ -107,3 +107,29 @@ def test_evaluate_scores_another_model_or_a_labelled_folder_and_writes_nothing(t
     assert {p: p.read_bytes() for p in Path("reports").rglob("*") if p.is_file()} == before
     result = CliRunner().invoke(cli, ["evaluate", "--folder", "nowhere"])
     assert result.exit_code == 2 and result.output.strip() == "error: nowhere: folder not found"
+
+
+def test_predict_names_every_file_it_cannot_read_and_never_hangs(tiny_copy):
+    """FIFOs, links to devices, dangling and looping links, files over the size limit: each one JSON
+    error line (in a folder and given by name), exit status 1, nothing read whole."""
+    import os
+
+    folder = tiny_copy / "odd"
+    folder.mkdir()
+    good = next(iter(iter_tar(next((tiny_copy / "data/shards/test").glob("*.tar")))))["png"]
+    (folder / "good.png").write_bytes(good)
+    os.mkfifo(folder / "fifo.png")
+    (folder / "zero.png").symlink_to("/dev/zero")
+    (folder / "dangling.png").symlink_to(folder / "missing.png")
+    (folder / "loop.png").symlink_to(folder / "loop.png")
+    with open(folder / "huge.png", "wb") as f:
+        f.truncate(3 * 2**30)  # sparse: 3 GB announced, nothing on disk
+    for args in ([str(folder)], [str(folder / name) for name in sorted(os.listdir(folder))]):
+        result = CliRunner().invoke(cli, ["predict", "--torch", *args])
+        assert result.exit_code == 1, result.output
+        lines = {Path(x["path"]).name: x for x in map(json.loads, result.stdout.splitlines())}
+        assert set(lines) == {"good.png", "fifo.png", "zero.png", "dangling.png", "loop.png", "huge.png"}
+        assert "text" in lines["good.png"]
+        assert "not a regular file" in lines["fifo.png"]["error"] and "not a regular file" in lines["zero.png"]["error"]
+        assert "No such file" in lines["dangling.png"]["error"] and "symbolic links" in lines["loop.png"]["error"]
+        assert "over the limit" in lines["huge.png"]["error"]

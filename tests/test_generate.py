@@ -127,6 +127,11 @@ def test_labels_honour_charset_and_lengths_and_are_uniform():
     ({"export": {"parity_samples": 0}}, "export.parity_samples"),
     ({"export": {"atol": float("nan")}}, "export.atol"),
     ({"export": {"opset": 99}}, "export.opset"),
+    ({"data": {"splits": {"train": 10**21}}}, "data.splits.train"),
+    ({"data": {"width": 100000}}, "data.width"),
+    ({"data": {"workers": 100000}}, "data.workers"),
+    ({"train": {"batch_size": 10**10}}, "train.batch_size"),
+    ({"model": {"fast": {"hidden": 10**7}}}, "model.fast.hidden"),
 ])
 def test_bad_params_exit_2_naming_the_key(tmp_path, monkeypatch, override, key):
     monkeypatch.chdir(tmp_path)
@@ -280,3 +285,14 @@ def test_a_bad_profile_changes_nothing(tmp_path, monkeypatch):
     result = CliRunner().invoke(cli, ["profile", "bad.yaml"])
     assert result.exit_code == 2 and "train.learning_rate: not a key" in result.output
     assert Path("params.yaml").read_text() == before
+
+
+@pytest.mark.parametrize("text, message", [
+    ("data:\n" + "".join(f"  k{i}: {i}\n" for i in range(300_000)), "section missing"),  # the key check was quadratic
+    ("data: " + "[" * 100_000, "nested too deeply"),
+])
+def test_pathological_params_files_end_in_one_line(tmp_path, monkeypatch, text, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(text)
+    result = CliRunner().invoke(cli, ["generate", "--quiet"])
+    assert result.exit_code == 2 and message in result.output and len(result.output.strip().splitlines()) == 1

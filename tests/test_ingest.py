@@ -259,3 +259,22 @@ def test_ingested_labels_have_their_own_length_and_charset_bounds(workdir):
     write_params(workdir, {"ingest": {"max_length": 30}})
     with pytest.raises(PipelineError, match="model.fast.width: .* labels of 30"):
         load_params("params.yaml")
+
+
+def test_a_plain_csv_giving_one_path_two_labels_or_nothing_is_refused(workdir):
+    folder = workdir / "real"
+    folder.mkdir()
+    for i, label in enumerate(["AB12", "CD34"]):
+        (folder / f"{i}.png").write_bytes(encode(label, i))
+    (workdir / "labels.csv").write_text("path,label\n0.png,AB12\n1.png,CD34\n0.png,AB13\n")
+    write_params(workdir, {"ingest": {"labels": "labels.csv"}})
+    params = load_params("params.yaml")
+    with pytest.raises(PipelineError, match=r"labels.csv:4: 0.png is labelled 'AB13' here and 'AB12' on line 2"):
+        ingest(params.data, params.ingest, source=folder)
+    (workdir / "labels.csv").write_text("path,label\n0.png,AB12\n1.png,CD34\n0.png,AB12\n")  # the same twice: fine
+    assert ingest(params.data, params.ingest, source=folder)["kept"] == 2
+    before = sorted(p.read_bytes() for p in (workdir / "data/ingest").rglob("*.tar"))
+    (workdir / "labels.csv").write_text("path,label\n")
+    with pytest.raises(PipelineError, match="no image to ingest.*left as it was"):
+        ingest(params.data, params.ingest, source=folder)
+    assert sorted(p.read_bytes() for p in (workdir / "data/ingest").rglob("*.tar")) == before

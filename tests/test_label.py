@@ -18,6 +18,7 @@ import pytest
 from benchmarks.labelling import find_browser, headless_chromium
 from pipeline.data.captcha_style import Renderer
 from pipeline.data.labelled_folders import read_labels_file
+from pipeline.errors import PipelineError
 from pipeline.tools.label import COLUMNS, create_app, open_session, read_answers
 from tests.conftest import REPO
 
@@ -218,3 +219,43 @@ def test_in_a_browser_accept_one_reading_correct_another_reload(folder, model):
     answers = read_answers(folder / "labels.csv")
     assert {p: (a.label, a.status, a.who) for p, a in answers.items()} == {
         first: (reading, "labelled", "browser"), second: ("XY99", "labelled", "browser")}
+
+
+def test_huge_labels_string_flags_and_foreign_csvs_are_refused(folder, model):
+    session = open_session(folder, model, None, who="t")
+    client = create_app(session).test_client()
+    big = post(client, "img0.png", "A" * 10_000_000)
+    assert big.status_code == 400 and "at most 64" in big.get_json()["error"]
+    assert post(client, "img0.png", "AB12").status_code == 200
+    again = client.post("/api/answer", json={"path": "img0.png", "label": "CD34", "overwrite": "false"})
+    assert again.status_code == 409  # the string "false" is no permission to overwrite
+    assert post(client, "nowhere.png", "AB12").status_code == 404
+    assert read_answers(folder / "labels.csv")["img0.png"].label == "AB12"
+    (folder / "latin1.csv").write_bytes("path,label\nimg0.png,\xc4B12\n".encode("latin-1"))
+    with pytest.raises(PipelineError, match="not UTF-8"):
+        read_answers(folder / "latin1.csv")
+    with pytest.raises(PipelineError, match="not UTF-8"):
+        read_labels_file(folder / "latin1.csv")
+
+
+def test_the_page_answers_only_to_the_host_it_listens_on(folder, model):
+    session = open_session(folder, model, None, who="t")
+    client = create_app(session, hosts={"127.0.0.1:8001", "localhost:8001"}).test_client()
+    assert client.get("/api/state", headers={"Host": "127.0.0.1:8001"}).status_code == 200
+    refused = client.get("/api/state", headers={"Host": "attacker.example:8001"})
+    assert refused.status_code == 403 and "answers only to" in refused.get_json()["error"]
+    assert post(client, "img0.png", "AB12").status_code == 403  # the test client's Host is "localhost"
+
+
+def test_a_busy_port_is_one_line_and_leaves_no_labels_csv(folder, model):
+    import socket
+
+    from click.testing import CliRunner
+
+    from pipeline.__main__ import cli
+
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        result = CliRunner().invoke(cli, ["label", str(folder), "--model", str(model), "--port", str(port)])
+    assert result.exit_code == 2 and result.output.startswith("error: cannot listen on 127.0.0.1")
+    assert not (folder / "labels.csv").exists()

@@ -4,6 +4,8 @@ PIL images and arrays."""
 from __future__ import annotations
 
 import io
+import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from PIL import Image
 # The image formats that ingest, predict and serve accept (detected from content, not name).
 FORMATS = {"PNG", "JPEG", "GIF", "BMP", "WEBP"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp"}
+MAX_FILE_BYTES = 16 * 2**20  # an image file larger than this is refused before it is read
 
 
 class ImageError(ValueError):
@@ -59,6 +62,31 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
     return load_pixels(open_image(data, max_pixels))
 
 
+def image_paths(folder: Path) -> list[Path]:
+    """A folder's entries with an image extension, recursively, sorted; hidden ones and folders
+    skipped. FIFOs and dangling links are listed: reading them (`read_image_file`) says why not."""
+    return sorted(p for p in folder.rglob("*")
+                  if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and not p.is_dir())
+
+
+def read_image_file(path: Path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """A regular file's bytes, at most `max_bytes`: a FIFO, a device, a dangling or looping link
+    or a larger file raises ImageError (or OSError, naming the reason) before anything is read."""
+    try:
+        info = os.stat(path)  # follows links: what would be read
+    except OSError as e:
+        raise ImageError("unreadable", e.strerror or str(e)) from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ImageError("unreadable", "not a regular file" + (" (a directory)" if stat.S_ISDIR(info.st_mode) else ""))
+    if info.st_size > max_bytes:
+        raise ImageError("too_large", f"file of {info.st_size:,} bytes is over the limit of {max_bytes:,}")
+    with open(path, "rb") as f:
+        data = f.read(max_bytes + 1)  # a file growing since the stat stops here too
+    if len(data) > max_bytes:
+        raise ImageError("too_large", f"file is over the limit of {max_bytes:,} bytes")
+    return data
+
+
 def load_image(image) -> Image.Image:
     """Paths and bytes are decoded (`decode_image`), arrays wrapped, PIL images kept as they are."""
     if isinstance(image, Image.Image):
@@ -66,7 +94,7 @@ def load_image(image) -> Image.Image:
     if isinstance(image, np.ndarray):
         return _from_array(image)
     if isinstance(image, (str, Path)):
-        return decode_image(Path(image).read_bytes())
+        return decode_image(read_image_file(Path(image)))
     if isinstance(image, (bytes, bytearray, memoryview)):
         return decode_image(bytes(image))
     raise TypeError(f"cannot read an image from {type(image).__name__}")

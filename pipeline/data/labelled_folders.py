@@ -18,14 +18,20 @@ def read_labels_file(path: Path) -> tuple[dict[str, str], set[str]]:
 
     The `label` command's CSV has more columns (status, who, when, the model's reading): rows whose
     status is `unreadable` are left out, a later row for a path replaces an earlier one, and a row
-    with fewer columns than the header (torn by a killed server) is ignored.
+    with fewer columns than the header (torn by a killed server) is ignored. In a plain CSV a path
+    listed twice with two labels is refused.
     """
     try:
         text = path.read_text(encoding="utf-8-sig")
     except OSError as e:
         raise PipelineError(f"{path}: cannot read labels file ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise PipelineError(f"{path}: labels file is not UTF-8 text (byte {e.start})") from None
     dialect = "excel-tab" if path.suffix.lower() == ".tsv" or "\t" in text.split("\n", 1)[0] else "excel"
-    rows = list(csv.reader(io.StringIO(text), dialect))
+    try:
+        rows = list(csv.reader(io.StringIO(text), dialect))
+    except csv.Error as e:  # e.g. a field over csv's size limit
+        raise PipelineError(f"{path}: not a labels CSV ({e})") from None
     header = [c.strip().lower() for c in rows[0]] if rows else []
     columns = {"path": 0, "label": 1}
     if header[:2] == ["path", "label"] or {"path", "label"} <= set(header):
@@ -34,7 +40,7 @@ def read_labels_file(path: Path) -> tuple[dict[str, str], set[str]]:
         start = 2
     else:
         start = 1
-    labels, left_out = {}, set()
+    labels, left_out, first_line = {}, set(), {}
     for i, row in enumerate(rows, start):
         if not row:
             continue
@@ -47,7 +53,12 @@ def read_labels_file(path: Path) -> tuple[dict[str, str], set[str]]:
             labels.pop(name, None)
             left_out.add(name)
             continue
-        labels[name] = row[columns["label"]].strip()
+        label = row[columns["label"]].strip()
+        if "status" not in columns and labels.get(name, label) != label:  # a plain CSV: no row corrects another
+            raise PipelineError(f"{path}:{i}: {name} is labelled {label!r} here and {labels[name]!r} on line "
+                                f"{first_line[name]}; keep one")
+        first_line.setdefault(name, i)
+        labels[name] = label
         left_out.discard(name)
     return labels, left_out
 
@@ -69,7 +80,8 @@ def list_folder(folder: Path, pattern: str, labels_file: Path | None = None, wha
     if not folder.is_dir():
         raise PipelineError(f"{folder}: {what} not found")
     listing = Listing()
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    # every entry but folders: a FIFO or a dangling link is listed, and reading it says why it is no image
+    files = sorted(p for p in folder.rglob("*") if not p.is_dir() and not p.name.startswith("."))
     table, left_out = read_labels_file(labels_file) if labels_file else (None, set())
     regex = re.compile(pattern)
     for path in files:

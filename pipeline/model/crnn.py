@@ -19,7 +19,7 @@ class Settings(InputSettings):
         super().check(prefix)
         require(self.height == 32, f"{prefix}.height", f"the CRNN's pooling needs 32 px high input, got {self.height}")
         require(self.width >= 16, f"{prefix}.width", f"must be at least 16, got {self.width}")
-        require(self.hidden > 0, f"{prefix}.hidden", f"must be positive, got {self.hidden}")
+        require(0 < self.hidden <= 4096, f"{prefix}.hidden", f"must be from 1 to 4096, got {self.hidden}")
 
 
 class CRNN(nn.Module):

@@ -31,7 +31,7 @@ class Settings(InputSettings):
         super().check(prefix)
         require(self.height >= 32, f"{prefix}.height", f"must be at least 32 (five poolings), got {self.height}")
         require(self.width >= 8, f"{prefix}.width", f"must be at least 8, got {self.width}")
-        require(self.hidden > 0, f"{prefix}.hidden", f"must be positive, got {self.hidden}")
+        require(0 < self.hidden <= 4096, f"{prefix}.hidden", f"must be from 1 to 4096, got {self.hidden}")
 
 
 class ConvRNN(nn.Module):

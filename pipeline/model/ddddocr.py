@@ -47,7 +47,7 @@ class Settings(InputSettings):
         super().check(prefix)
         require(self.height % 8 == 0 and self.height >= 8, f"{prefix}.height",
                 f"must be a multiple of 8 (three halvings), got {self.height}")
-        require(self.hidden > 0, f"{prefix}.hidden", f"must be positive, got {self.hidden}")
+        require(0 < self.hidden <= 4096, f"{prefix}.hidden", f"must be from 1 to 4096, got {self.hidden}")
         check_dropout(self.dropout, f"{prefix}.dropout")
 
 

@@ -24,9 +24,9 @@ class Settings(InputSettings):
     def check(self, prefix: str) -> None:
         super().check(prefix)
         require(self.height >= 16, f"{prefix}.height", f"must be at least 16 (four poolings), got {self.height}")
-        require(len(self.conv) == 4 and all(c > 0 for c in self.conv), f"{prefix}.conv",
+        require(len(self.conv) == 4 and all(0 < c <= 4096 for c in self.conv), f"{prefix}.conv",
                 f"expected 4 positive channel counts, got {self.conv}")
-        require(self.hidden > 0, f"{prefix}.hidden", f"must be positive, got {self.hidden}")
+        require(0 < self.hidden <= 4096, f"{prefix}.hidden", f"must be from 1 to 4096, got {self.hidden}")
         require(self.rnn_layers > 0, f"{prefix}.rnn_layers", f"must be positive, got {self.rnn_layers}")
         check_dropout(self.dropout, f"{prefix}.dropout")
 

@@ -17,8 +17,8 @@ class InputSettings:
     keep_aspect: bool  # resize to `height` keeping the aspect ratio, pad the width (else squash to height x width)
 
     def check(self, prefix: str) -> None:
-        require(self.height > 0, f"{prefix}.height", f"must be positive, got {self.height}")
-        require(self.width > 0, f"{prefix}.width", f"must be positive, got {self.width}")
+        require(0 < self.height <= 1024, f"{prefix}.height", f"must be from 1 to 1024, got {self.height}")
+        require(0 < self.width <= 4096, f"{prefix}.width", f"must be from 1 to 4096, got {self.width}")
         require(self.channels in (1, 3), f"{prefix}.channels", f"must be 1 (gray) or 3 (RGB), got {self.channels}")
         require(isinstance(self.keep_aspect, bool), f"{prefix}.keep_aspect", f"must be true or false, got {self.keep_aspect!r}")
 

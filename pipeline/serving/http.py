@@ -86,7 +86,7 @@ def listen(host: str, port: int) -> socket.socket:
     try:
         return socket.create_server((host, port))
     except OSError as e:
-        raise PipelineError(f"serve: cannot listen on {host}:{port}: {e.strerror or e}") from None
+        raise PipelineError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 def make_server(app: Flask, sock: socket.socket, threads: int, limits: Limits) -> GuardedServer:

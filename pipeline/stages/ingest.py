@@ -22,7 +22,7 @@ from PIL import Image
 from pipeline import outputs
 from pipeline.charset import fold_text
 from pipeline.cli import command, params_option, run
-from pipeline.data.images import ImageError, decode_image
+from pipeline.data.images import ImageError, decode_image, read_image_file
 from pipeline.data.labelled_folders import list_folder
 from pipeline.data.shards import UNLABELLED, Sample, scan_shards, shard_path, write_manifest, write_shard
 from pipeline.errors import PipelineError
@@ -60,12 +60,16 @@ def collect(source: Path, ip: IngestParams, labels_file: Path | None) -> tuple[l
     report = Report(invalid=listing.invalid, ignored=listing.ignored, unlabelled=listing.unlabelled,
                     unreadable=listing.unreadable)
 
-    def read(rel: str, label: str) -> Candidate:
-        data = (source / rel).read_bytes()
+    def read(rel: str, label: str) -> Candidate | None:
+        try:
+            data = read_image_file(source / rel)
+        except ImageError as e:  # a FIFO, a dangling link, a file over the size limit: named, not read
+            report.invalid.append({"file": rel, "reason": str(e)})
+            return None
         return Candidate(rel, label, data, hashlib.sha256(data).hexdigest())
 
-    labelled = [read(rel, label) for rel, label in listing.labelled]
-    unlabelled = [read(rel, "") for rel in listing.unlabelled] if ip.unlabelled else []
+    labelled = [c for c in (read(rel, label) for rel, label in listing.labelled) if c]
+    unlabelled = [c for c in (read(rel, "") for rel in listing.unlabelled) if c] if ip.unlabelled else []
     return labelled, unlabelled, report
 
 
@@ -186,6 +190,9 @@ def ingest(data: DataParams, ip: IngestParams, source: Path | None = None, label
             write_json(failed_path, report.to_dict())
             raise PipelineError(f"{source}: {len(report.invalid)} invalid file(s), listed above and in "
                                 f"{failed_path}; fix them or pass --skip-invalid")
+    if not kept and not unlabelled:  # e.g. an empty labels CSV: keep the shards of the last ingest
+        raise PipelineError(f"{source}: no image to ingest ({len(report.invalid)} invalid, "
+                            f"{len(report.unlabelled)} without a label); the previous ingest is left as it was")
     out = Path(ip.out)
     root = out / "shards"
     splits: dict[str, list[Candidate]] = {"train": [], "val": [], "test": []}

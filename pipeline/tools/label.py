@@ -26,9 +26,10 @@ import click
 from flask import Flask, abort, jsonify, request, send_file
 
 from pipeline.cli import command, model_option, run
-from pipeline.data.images import IMAGE_SUFFIXES, ImageError, decode_image
+from pipeline.data.images import ImageError, decode_image, image_paths, read_image_file
 from pipeline.errors import PipelineError
 from pipeline.read.recognizer import Recognizer
+from pipeline.serving.http import listen
 
 COLUMNS = ["path", "label", "status", "who", "when", "model_text", "model_confidence"]
 STATUSES = ("labelled", "auto", "unreadable")
@@ -40,6 +41,17 @@ class Item:
     path: str  # relative to the folder, '/'-separated
     text: str  # the model's reading
     confidence: float
+
+
+MAX_LABEL = 64  # the longest label any params may ask for (ingest.max_length's bound)
+
+
+class UnknownImage(LookupError):
+    """An answer for a path that is not one of the folder's images."""
+
+
+class AlreadyAnswered(Exception):
+    """A second answer for one image, without overwrite."""
 
 
 @dataclass
@@ -54,11 +66,16 @@ def read_answers(csv_path: Path) -> dict[str, Answer]:
     if not csv_path.exists():
         return {}
     answers = {}
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            if None in row or any(row.get(c) is None for c in COLUMNS) or row["status"] not in STATUSES:
-                continue
-            answers[row["path"]] = Answer(row["label"], row["status"], row["who"])
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                if None in row or any(row.get(c) is None for c in COLUMNS) or row["status"] not in STATUSES:
+                    continue
+                answers[row["path"]] = Answer(row["label"], row["status"], row["who"])
+    except UnicodeDecodeError as e:
+        raise PipelineError(f"{csv_path}: not UTF-8 text (byte {e.start}); not a labels CSV of this tool") from None
+    except csv.Error as e:
+        raise PipelineError(f"{csv_path}: not a labels CSV ({e})") from None
     return answers
 
 
@@ -90,8 +107,7 @@ class AnswerLog:
 
 
 def list_images(folder: Path) -> list[str]:
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    return [p.relative_to(folder).as_posix() for p in image_paths(folder)]
 
 
 def read_folder(folder: Path, recognizer: Recognizer, batch_size: int = 64) -> tuple[list[Item], list[dict]]:
@@ -102,7 +118,7 @@ def read_folder(folder: Path, recognizer: Recognizer, batch_size: int = 64) -> t
         batch, images = [], []
         for name in names[start:start + batch_size]:
             try:
-                images.append(decode_image((folder / name).read_bytes()))
+                images.append(decode_image(read_image_file(folder / name)))
                 batch.append(name)
             except (ImageError, OSError) as e:
                 bad.append({"path": name, "reason": str(e)})
@@ -141,6 +157,8 @@ class Session:
             label = label.upper()
         if not label:
             raise PipelineError("empty label: type the characters, or mark the image unreadable")
+        if len(label) > MAX_LABEL:
+            raise PipelineError(f"label of {len(label):,} characters: at most {MAX_LABEL} (ingest.max_length's limit)")
         unknown = "".join(dict.fromkeys(c for c in label if c not in self.charset))
         if unknown:
             raise PipelineError(f"characters not in the charset: {unknown!r} (charset: {self.charset})")
@@ -149,13 +167,13 @@ class Session:
     def answer(self, path: str, label: str, status: str, overwrite: bool = False) -> Answer:
         item = self.by_path.get(path)
         if item is None:
-            raise KeyError(path)
+            raise UnknownImage(path)
         if status not in ("labelled", "unreadable"):
             raise PipelineError(f"status must be labelled or unreadable, got {status!r}")
         label = self.check_label(label) if status == "labelled" else ""
         with self._lock:
             if path in self.answers and not overwrite:
-                raise FileExistsError(path)
+                raise AlreadyAnswered(path)
             return self._record(item, Answer(label, status, self.who))
 
     def _record(self, item: Item, answer: Answer) -> Answer:
@@ -181,13 +199,20 @@ class Session:
         return out
 
 
-def create_app(session: Session) -> Flask:
+def create_app(session: Session, hosts: set[str] | None = None) -> Flask:
+    """The page and its API. `hosts`: the Host headers to answer (the address it listens on); any
+    other is refused, so that a web page the user visits cannot reach it by DNS rebinding."""
     app = Flask("captcha-crnn-label")
 
     def error(code: int, message: str, **extra):
         response = jsonify({"error": message, **extra})
         response.status_code = code
         return response
+
+    @app.before_request
+    def only_our_host():
+        if hosts is not None and request.host.lower() not in hosts:
+            return error(403, f"this page answers only to {', '.join(sorted(hosts))}")
 
     @app.get("/")
     def page():
@@ -212,10 +237,10 @@ def create_app(session: Session) -> Flask:
             return error(400, "expected JSON {path, label, status}")
         try:
             saved = session.answer(body["path"], str(body.get("label", "")), str(body.get("status", "labelled")),
-                                   overwrite=bool(body.get("overwrite")))
-        except KeyError:
+                                   overwrite=body.get("overwrite") is True)  # "false", 1: no
+        except UnknownImage:
             return error(404, f"not an image of this folder: {body['path']}")
-        except FileExistsError:
+        except AlreadyAnswered:
             previous = session.answers[body["path"]]
             return error(409, "already answered (another tab?)", label=previous.label, status=previous.status)
         except PipelineError as e:
@@ -241,6 +266,7 @@ def label(folder: Path, model: Path, labels: Path | None, host: str, port: int, 
           who: str | None = None) -> None:
     import waitress
 
+    sock = listen(host, port)  # a busy port fails now, before the labels CSV is touched
     session = open_session(folder, model, labels, who)
     if accept_above is not None:
         count = session.accept_above(accept_above)
@@ -248,7 +274,9 @@ def label(folder: Path, model: Path, labels: Path | None, host: str, port: int, 
     p = session.progress()
     print(f"{p['total']} images ({p['remaining']} to label, {len(session.bad)} unreadable files); "
           f"answers in {session.log.path}; open http://{host}:{port}/", flush=True)
-    waitress.serve(create_app(session), host=host, port=port, threads=4, ident="captcha-crnn-label", _quiet=True)
+    named = f"[{host}]" if ":" in host else host
+    hosts = {f"{named}:{port}"} | ({f"localhost:{port}"} if host in ("127.0.0.1", "::1", "localhost") else set())
+    waitress.serve(create_app(session, hosts), sockets=[sock], threads=4, ident="captcha-crnn-label", _quiet=True)
 
 
 @command("label")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Iterable, Iterator, TextIO
@@ -10,24 +11,26 @@ from typing import Iterable, Iterator, TextIO
 import click
 
 from pipeline.cli import command, model_option, onnx_option, run
-from pipeline.data.images import IMAGE_SUFFIXES, load_image
+from pipeline.data.images import image_paths, load_image
 from pipeline.errors import PipelineError
 from pipeline.read.recognizer import Recognizer
 
 
 def expand_inputs(inputs: Iterable[str]) -> Iterator[Path]:
-    """Files as given; folders for image files by extension (sorted); globs expanded."""
+    """Paths as given; folders for their entries with an image extension (sorted); globs expanded.
+    Nothing is skipped in silence: a FIFO, a dangling or looping link is yielded, and reading it
+    reports why it is not an image."""
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            yield from sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        elif path.exists():
+            yield from image_paths(path)
+        elif os.path.lexists(path):
             yield path
         else:
             matches = sorted(glob.glob(item, recursive=True))
             if not matches:
                 yield path  # reported as unreadable below
-            yield from (Path(m) for m in matches if Path(m).is_file())
+            yield from (Path(m) for m in matches if not Path(m).is_dir())
 
 
 def predict_paths(recognizer: Recognizer, paths: Iterable[Path], out: TextIO = sys.stdout,

@@ -219,3 +219,18 @@ def test_augmentation_is_a_function_of_its_random_stream():
     assert np.array_equal(runs[0], runs[1]) and not np.array_equal(runs[0], runs[2])
     assert runs[0].min() >= -1.0 and runs[0].max() <= 1.0
     assert np.array_equal(keep(image, random.Random(1), augment=0.0), keep(image))
+
+
+def test_allowed_and_case_per_request_as_predict_has_them(client, recognizer):
+    image = png_bytes("AB12", 1)
+    for query, allowed, case in (("?allowed=0123456789", "0123456789", None), ("?case=lower", None, "lower"),
+                                 ("?allowed=AB12&case=lower&beam=3", "AB12", "lower")):
+        r = post(client, image, query=query)
+        beam = 3 if "beam" in query else 1
+        expected = recognizer.predict([image], beam=beam, allowed=allowed, case=case)[0]
+        assert r.status_code == 200 and r.json["text"] == expected.text, query
+    assert set(post(client, image, query="?allowed=0123456789").json["text"]) <= set("0123456789")
+    for query, message in (("?case=sideways", "case must be upper or lower"), ("?allowed=%C3%A4", "not in the model's charset"),
+                           ("?lang=en", "unknown query key 'lang'")):
+        r = post(client, image, query=query)
+        assert r.status_code == 400 and message in r.json["error"], query

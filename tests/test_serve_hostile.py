@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,6 +21,7 @@ import psutil
 import pytest
 from PIL import Image
 
+from pipeline.data.captcha_style import Renderer
 from pipeline.read.recognizer import Recognizer
 from pipeline.serving import app as serve_module
 from pipeline.serving.app import Limits, create_app
@@ -123,6 +125,23 @@ def test_an_oversized_body_is_refused_on_its_announced_length(server_url):
     sock.close()
     reply = reply.decode()
     assert reply.startswith("HTTP/1.1 413")
+    assert "error" in json.loads(reply.split("\r\n\r\n", 1)[1])
+
+
+@pytest.mark.parametrize("headers, status", [
+    (b"Content-Length: 31457280\r\nExpect: 100-continue\r\n", "413"),  # refused before the upload, no 100
+    (b"Transfer-Encoding: xchunked\r\n", "400"),  # waitress's 501, a client error here
+])
+def test_refusals_on_the_headers_alone_are_4xx_json(server_url, headers, status):
+    sock = connect_from("127.0.0.1", port_of(server_url))
+    sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n" + headers + b"\r\n")
+    sock.settimeout(5)
+    reply = b""
+    while chunk := sock.recv(65536):
+        reply += chunk
+    sock.close()
+    reply = reply.decode()
+    assert reply.startswith(f"HTTP/1.1 {status}") and "100 Continue" not in reply, reply[:200]
     assert "error" in json.loads(reply.split("\r\n\r\n", 1)[1])
 
 
@@ -270,3 +289,40 @@ def test_a_port_out_of_range_is_refused_before_anything_starts(tmp_path, command
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 2 and "'--port'" in result.output and "1<=x<=65535" in result.output
     assert not (tmp_path / "labels.csv").exists()
+
+
+def test_a_broken_model_file_never_takes_the_service_down(tiny_dataset, tmp_path):
+    """As during `dvc repro`: the model file is broken when a worker crashes. The other worker keeps
+    serving the model it loaded, /healthz says one is down, and the replacement comes back once the
+    file is whole again."""
+    import urllib.request
+
+    model, port = tmp_path / "model.pt", free_port()
+    shutil.copy(tiny_dataset / "models/model.pt", model)
+    proc = start_serve(model, port, "--workers", "2")
+
+    def health():
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+            return json.loads(r.read())
+
+    try:
+        wait_healthy(port, proc)
+        parent = psutil.Process(proc.pid)
+        assert wait_for(lambda: len(parent.children()) == 2)
+        time.sleep(10.5)  # past the supervisor's start-up window: the service counts as up
+        good = model.read_bytes()
+        model.write_bytes(b"half-written")
+        os.kill(parent.children()[0].pid, signal.SIGKILL)
+        assert wait_for(lambda: health()["workers_down"] == 1, 30)
+        assert health()["status"] == "degraded" and proc.poll() is None
+        image = Renderer(128, 64).png("AB12", 3)
+        for _ in range(10):
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/predict", data=image, method="POST")
+            with urllib.request.urlopen(request, timeout=10) as r:
+                assert r.status == 200 and "text" in json.loads(r.read())
+        model.write_bytes(good)
+        assert wait_for(lambda: health() == {"status": "ok", "workers": 2, "workers_down": 0}, 60)
+        assert len(alive(c.pid for c in parent.children())) == 2
+    finally:
+        proc.kill()
+        proc.wait()

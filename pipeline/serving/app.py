@@ -71,8 +71,9 @@ def decode_upload(image: Image.Image) -> Image.Image:
 
 class MicroBatcher:
     """Gathers preprocessed images from many request threads into one model call. Greedy requests
-    get their Prediction (decoded here, batched: cheap); beam-search requests get their (T, classes)
-    probabilities, for their own thread to decode, so a wide beam never holds up the batch."""
+    get their Prediction (decoded here, batched: cheap); the others (beam search, `allowed`, `case`)
+    get their (T, classes) probabilities, for their own thread to decode, so a wide beam never holds
+    up the batch."""
 
     def __init__(self, recognizer: Recognizer, max_batch: int = 32, max_wait: float = 0.002):
         self.recognizer = recognizer
@@ -81,9 +82,10 @@ class MicroBatcher:
         self._queue: queue.Queue = queue.Queue()
         threading.Thread(target=self._run, daemon=True, name="micro-batcher").start()
 
-    def submit(self, array: np.ndarray, beam: int) -> Future:
+    def submit(self, array: np.ndarray, greedy: bool) -> Future:
+        """A Prediction when `greedy` (plain best-path decoding), else the image's probabilities."""
         future: Future = Future()
-        self._queue.put((array, beam, future))
+        self._queue.put((array, greedy, future))
         return future
 
     def _run(self) -> None:
@@ -98,7 +100,7 @@ class MicroBatcher:
                     break
             try:
                 probs = self.recognizer.probs(np.stack([a for a, _, _ in items]))
-                greedy = [i for i, (_, beam, _) in enumerate(items) if beam == 1]
+                greedy = [i for i, (_, plain, _) in enumerate(items) if plain]
                 answers = list(probs)
                 for i, prediction in zip(greedy, self.recognizer.decode(probs[greedy]) if greedy else []):
                     answers[i] = prediction
@@ -107,6 +109,9 @@ class MicroBatcher:
             except Exception as e:  # noqa: BLE001 - hand any failure to the waiting requests
                 for _, _, future in items:
                     future.set_exception(e)
+
+
+QUERY_KEYS = {"beam", "allowed", "case"}  # as predict's --beam, --allowed, --case
 
 
 class InMemoryRequest(Request):
@@ -127,7 +132,8 @@ def read_metrics(path: Path, model_sha256: str) -> dict | None:
 
 
 def create_app(recognizer: Recognizer, limits: Limits = Limits(), metrics_path: Path | None = None,
-               batcher: MicroBatcher | None = None) -> Flask:
+               batcher: MicroBatcher | None = None, health=None) -> Flask:
+    """`health`: what /healthz adds to its answer (the supervisor's count of missing workers)."""
     app = Flask("captcha-crnn", static_folder=None)  # nothing from the disk but the model's answers
     app.request_class = InMemoryRequest
     app.config["MAX_CONTENT_LENGTH"] = limits.max_bytes
@@ -159,7 +165,8 @@ def create_app(recognizer: Recognizer, limits: Limits = Limits(), metrics_path: 
 
     @app.get("/healthz")
     def healthz():
-        return {"status": "ok"}
+        extra = health() if health else {}
+        return {"status": "degraded" if extra.get("workers_down") else "ok", **extra}
 
     @app.get("/model")
     def model_info():
@@ -171,10 +178,21 @@ def create_app(recognizer: Recognizer, limits: Limits = Limits(), metrics_path: 
 
     @app.post("/predict")
     def predict():
+        unknown = sorted(set(request.args) - QUERY_KEYS)
+        if unknown:
+            raise UploadError(400, f"unknown query key {unknown[0]!r} (known: {', '.join(sorted(QUERY_KEYS))})")
         beam = request.args.get("beam", "1")
         if not (beam.isascii() and beam.isdigit()) or not 1 <= int(beam) <= limits.max_beam:
             raise UploadError(400, f"beam must be an integer from 1 to {limits.max_beam}")
         beam = int(beam)
+        allowed, case = request.args.get("allowed") or None, request.args.get("case") or None
+        if case not in (None, "upper", "lower"):
+            raise UploadError(400, f"case must be upper or lower, got {case[:20]!r}")
+        if allowed is not None:
+            unknown_chars = recognizer.charset.unknown(allowed[:1000])
+            if len(allowed) > 1000 or unknown_chars:
+                raise UploadError(400, f"allowed: characters not in the model's charset: {unknown_chars[:50]!r}")
+        greedy = beam == 1 and allowed is None and case is None
         multipart = (request.content_type or "").startswith("multipart/")
         files = request.files.getlist("file") if multipart else []
         if multipart and not files:
@@ -195,8 +213,8 @@ def create_app(recognizer: Recognizer, limits: Limits = Limits(), metrics_path: 
             raise UploadError(413, f"{pixels} pixels in one request; at most {limits.max_request_pixels}")
         with large_requests if pixels > limits.large_request_pixels else nullcontext():
             arrays = [recognizer.preprocess(decode_upload(im)) for im in images]
-        answers = [f.result() for f in [batcher.submit(a, beam) for a in arrays]]
-        predictions = answers if beam == 1 else recognizer.decode(np.stack(answers), beam)
+        answers = [f.result() for f in [batcher.submit(a, greedy) for a in arrays]]
+        predictions = answers if greedy else recognizer.decode(np.stack(answers), beam, allowed, case)
         results = [{"text": p.text, "confidence": round(p.confidence, 6)} for p in predictions]
         return results[0] if len(files) <= 1 else {"results": results}
 

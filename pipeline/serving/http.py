@@ -26,7 +26,8 @@ class JsonErrorTask(ErrorTask):
     def execute(self):
         e = self.request.error
         body = json.dumps({"error": f"{e.reason}: {e.body}"}).encode()
-        self.status = f"{e.code} {e.reason}"
+        # an unknown transfer coding is waitress's 501; the client's request is what is wrong: 400
+        self.status = "400 Bad Request" if e.code == 501 else f"{e.code} {e.reason}"
         self.response_headers.append(("Content-Type", "application/json"))
         self.set_close_on_finish()
         self.content_length = len(body)
@@ -34,10 +35,18 @@ class JsonErrorTask(ErrorTask):
 
 
 class GuardedChannel(HTTPChannel):
-    """A connection that remembers when its request in progress began arriving."""
+    """A connection that remembers when its request in progress began arriving, and refuses an
+    oversized upload before the client sends it."""
 
     error_task_class = JsonErrorTask
     reading_since: float | None = None
+
+    def send_continue(self):
+        """No `100 Continue` for a request already refused on its headers (an announced body over
+        the limit): waitress would send it, then wait for the whole upload before refusing."""
+        if self.request is not None and self.request.error is not None:
+            return
+        super().send_continue()
 
     def received(self, data):
         if self.request is None and data and self.reading_since is None:

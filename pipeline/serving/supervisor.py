@@ -25,11 +25,16 @@ def die_with_parent() -> None:
         os._exit(0)
 
 
-def supervise(workers: int, start_worker, quick_failure_s: float = 10.0) -> None:
+def supervise(workers: int, start_worker, quick_failure_s: float = 10.0, down=None, max_backoff_s: float = 30.0) -> None:
     """Fork `workers` processes running start_worker(); replace any that exits, stop them all on
-    SIGTERM/SIGINT. A worker that fails at start-up (exit 2, a config error it has printed) stops all."""
+    SIGTERM/SIGINT. A worker that fails at start-up (exit 2, a config error it has printed) stops
+    all, unless the service has been up: then the others keep serving the model they loaded, and
+    the replacement is retried with a growing pause (the model file may be half-written by `dvc
+    repro`). `down` (a shared integer) counts the workers missing, for /healthz."""
     children: dict[int, float] = {}
     stopping = False
+    service_up = False  # some worker has outlived quick_failure_s
+    failures_in_a_row = 0
 
     def stop(*_):
         nonlocal stopping
@@ -58,6 +63,10 @@ def supervise(workers: int, start_worker, quick_failure_s: float = 10.0) -> None
                 os._exit(code)
         children[pid] = time.monotonic()
 
+    def set_down():
+        if down is not None:
+            down.value = workers - len(children)
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     for _ in range(workers):
@@ -71,14 +80,23 @@ def supervise(workers: int, start_worker, quick_failure_s: float = 10.0) -> None
         started = children.pop(pid, None)
         if started is None or stopping:
             continue
+        set_down()
+        lived = time.monotonic() - started
+        service_up = service_up or lived >= quick_failure_s or any(
+            time.monotonic() - t >= quick_failure_s for t in children.values())
         code = os.waitstatus_to_exitcode(status)
-        if code == 2 and time.monotonic() - started < quick_failure_s:
+        if code == 2 and lived < quick_failure_s and not service_up:
             failed_at_start = True
             stop()
             continue
-        log.warning("worker %d exited (%s); starting another", pid, code)
-        time.sleep(0.5)  # a worker that keeps crashing must not spin the machine
-        spawn()
+        failures_in_a_row = failures_in_a_row + 1 if code == 2 and lived < quick_failure_s else 0
+        pause = min(max_backoff_s, 0.5 * 2 ** failures_in_a_row)  # a worker that keeps crashing must not spin
+        log.warning("worker %d exited (%s); %d of %d serving; starting another in %.1f s",
+                    pid, code, len(children), workers, pause)
+        time.sleep(pause)
+        if not stopping:
+            spawn()
+            set_down()
     if failed_at_start:
         sys.exit(2)
 

@@ -3,6 +3,7 @@ server, the supervisor of --workers)."""
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import socket
 from pathlib import Path
@@ -21,9 +22,9 @@ log = logging.getLogger("captcha-crnn.serve")
 
 
 def serve_worker(sock: socket.socket, model: Path, threads: int, onnx: bool | None, limits: Limits,
-                 metrics_path: Path | None, torch_threads: int) -> None:
+                 metrics_path: Path | None, torch_threads: int, health=None) -> None:
     recognizer = Recognizer(model, onnx=onnx, threads=torch_threads)
-    app = create_app(recognizer, limits, metrics_path)
+    app = create_app(recognizer, limits, metrics_path, health=health)
     log.info("serving %s (%s) on http://%s:%d", model, recognizer.backend, *sock.getsockname()[:2])
     make_server(app, sock, threads, limits).run()
 
@@ -40,13 +41,16 @@ def serve(model: Path, host: str, port: int, workers: int | None = None, threads
     sock = listen(host, port)
     torch_threads = max(1, (os.cpu_count() or 1) // workers)
 
+    down = multiprocessing.get_context("fork").RawValue("i", 0)  # workers missing, shared with every worker
+
     def start_worker():
-        serve_worker(sock, model, threads, onnx, limits, metrics_path, torch_threads)
+        health = (lambda: {"workers": workers, "workers_down": down.value}) if workers > 1 else None
+        serve_worker(sock, model, threads, onnx, limits, metrics_path, torch_threads, health)
 
     if workers == 1:
         start_worker()
     else:
-        supervise(workers, start_worker)
+        supervise(workers, start_worker, down=down)
 
 
 @command("serve")

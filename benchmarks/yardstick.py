@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import dataclasses
 import io
+import multiprocessing
 import os
 import random
 import shutil
@@ -138,17 +139,24 @@ def crop_letterbox(png: bytes) -> bytes:
     return out.getvalue()
 
 
-def render_style(name: str, split: str, n: int, seed: int = 0) -> list[tuple[str, bytes]]:
-    """n (label, PNG bytes) of a style; label and rendering from independent seeds where the
+def render_one(name: str, split: str, i: int, seed: int = 0) -> tuple[str, bytes]:
+    """Image i of a style's split: its label and its rendering from independent seeds where the
     generator lets them be."""
-    out = []
-    for i in range(n):
-        label_rng = random.Random(derive_seed(seed, "yardstick", name, split, i, "label"))
-        label, image = STYLES[name](label_rng, derive_seed(seed, "yardstick", name, split, i, "render"))
-        buffer = io.BytesIO()
-        image.save(buffer, "PNG")  # as a site would serve it, transparency included
-        out.append((label, buffer.getvalue()))
-    return out
+    label_rng = random.Random(derive_seed(seed, "yardstick", name, split, i, "label"))
+    label, image = STYLES[name](label_rng, derive_seed(seed, "yardstick", name, split, i, "render"))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")  # as a site would serve it, transparency included
+    return label, buffer.getvalue()
+
+
+def render_style(name: str, split: str, n: int, seed: int = 0) -> list[tuple[str, bytes]]:
+    """n (label, PNG bytes) of a style; a thousand or more on every core (each image is a pure
+    function of its seeds, so the same whatever the processes)."""
+    jobs = [(name, split, i, seed) for i in range(n)]
+    if n < 1000 or (os.cpu_count() or 1) == 1:
+        return [render_one(*job) for job in jobs]
+    with multiprocessing.get_context("fork").Pool(os.cpu_count()) as pool:
+        return pool.starmap(render_one, jobs, chunksize=64)
 
 
 def accuracy(labels: list[str], readings: list[str]) -> float:

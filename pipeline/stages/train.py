@@ -351,11 +351,15 @@ def check_self_training(tp: TrainParams, ranks: Ranks, val_shards, unlabelled_sh
 
 
 def pseudo_round_due(run: Run) -> bool:
-    """Round k of n is due once the run is k/(n+1) of the way through its epochs or its time budget."""
+    """Round k of n is due once the run is k/(n+1) of the way through its epochs or its time budget,
+    unless the budget left is under twice what the last round took: too little to train on it."""
     tp, state = run.params.train, run.state
     done = state["epoch"] / tp.epochs
     if tp.max_minutes:
         done = max(done, state["seconds"] / (tp.max_minutes * 60))
+        left = tp.max_minutes * 60 - state["seconds"]
+        if run.pseudo and left < 2 * run.pseudo[-1]["seconds"]:
+            return False
     return len(run.pseudo) < tp.pseudo_rounds and done >= (len(run.pseudo) + 1) / (tp.pseudo_rounds + 1)
 
 

@@ -210,7 +210,6 @@ class ModelSection:
         require("arch" in section, f"{prefix}.arch", "missing")
         arch = section.pop("arch")
         require(isinstance(arch, str), f"{prefix}.arch", f"expected a string, got {arch!r}")
-        require(arch in section, f"{prefix}.{arch}", "missing: the settings of the chosen arch")
         for key, value in section.items():
             require(isinstance(value, dict), f"{prefix}.{key}", f"expected a mapping, got {value!r}")
         return cls(arch, section)

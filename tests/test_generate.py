@@ -154,7 +154,7 @@ def test_a_missing_key_is_an_error_not_a_default(tmp_path, monkeypatch, section,
     raw = yaml.safe_load(write_params(tmp_path).read_text())
     del raw[section][key]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    result = CliRunner().invoke(cli, ["generate", "--quiet"])
+    result = CliRunner().invoke(cli, ["train" if section == "model" else "generate", "--quiet"])
     assert result.exit_code == 2
     assert result.output.strip() == f"error: {section}.{key}: missing" + (
         ": the settings of the chosen arch" if section == "model" else

@@ -17,6 +17,7 @@ from pipeline.__main__ import cli
 from pipeline.data.captcha_style import Renderer
 from pipeline.data.shards import iter_tar
 from pipeline.errors import PipelineError
+from pipeline.model.settings import load_model_params
 from pipeline.params import load_params
 from pipeline.stages.evaluate import evaluate
 from pipeline.stages.ingest import ingest
@@ -258,7 +259,7 @@ def test_ingested_labels_have_their_own_length_and_charset_bounds(workdir):
     # the model's width is checked against the longer bound
     write_params(workdir, {"ingest": {"max_length": 30}})
     with pytest.raises(PipelineError, match="model.fast.width: .* labels of 30"):
-        load_params("params.yaml")
+        load_model_params("params.yaml")
 
 
 def test_a_plain_csv_giving_one_path_two_labels_or_nothing_is_refused(workdir):
@@ -275,6 +276,6 @@ def test_a_plain_csv_giving_one_path_two_labels_or_nothing_is_refused(workdir):
     assert ingest(params.data, params.ingest, source=folder)["kept"] == 2
     before = sorted(p.read_bytes() for p in (workdir / "data/ingest").rglob("*.tar"))
     (workdir / "labels.csv").write_text("path,label\n")
-    with pytest.raises(PipelineError, match="no image to ingest.*left as it was"):
+    with pytest.raises(PipelineError, match="labels no image of .*left as it was"):
         ingest(params.data, params.ingest, source=folder)
     assert sorted(p.read_bytes() for p in (workdir / "data/ingest").rglob("*.tar")) == before

@@ -110,7 +110,7 @@ class EchoRecognizer:
         self.batch_sizes.append(len(batch))
         return np.array([[[float(a.sum())]] for a in batch])
 
-    def decode(self, probs, beam=1, allowed=None):
+    def decode(self, probs, beam=1, allowed=None, case=None):
         from pipeline.read.recognizer import Prediction
 
         self.decoding_threads.add(threading.current_thread().name)

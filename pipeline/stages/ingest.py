@@ -190,9 +190,9 @@ def ingest(data: DataParams, ip: IngestParams, source: Path | None = None, label
             write_json(failed_path, report.to_dict())
             raise PipelineError(f"{source}: {len(report.invalid)} invalid file(s), listed above and in "
                                 f"{failed_path}; fix them or pass --skip-invalid")
-    if not kept and not unlabelled:  # e.g. an empty labels CSV: keep the shards of the last ingest
-        raise PipelineError(f"{source}: no image to ingest ({len(report.invalid)} invalid, "
-                            f"{len(report.unlabelled)} without a label); the previous ingest is left as it was")
+    if labels is not None and not kept and not unlabelled:  # an empty labels CSV: keep the last ingest's shards
+        raise PipelineError(f"{labels}: labels no image of {source} ({len(report.invalid)} invalid, "
+                            f"{len(report.unlabelled)} not listed); the previous ingest is left as it was")
     out = Path(ip.out)
     root = out / "shards"
     splits: dict[str, list[Candidate]] = {"train": [], "val": [], "test": []}

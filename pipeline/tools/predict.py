@@ -33,9 +33,11 @@ def expand_inputs(inputs: Iterable[str]) -> Iterator[Path]:
             yield from (Path(m) for m in matches if not Path(m).is_dir())
 
 
-def predict_paths(recognizer: Recognizer, paths: Iterable[Path], out: TextIO = sys.stdout,
+def predict_paths(recognizer: Recognizer, paths: Iterable[Path], out: TextIO | None = None,
                   batch_size: int = 64, beam: int = 1, allowed: str | None = None, case: str | None = None) -> int:
-    """Write one JSON object per path; return the number of unreadable files."""
+    """Write one JSON object per path (to stdout as it is at the call); return the number of
+    unreadable files."""
+    out = out or sys.stdout
     failures = 0
     batch: list[tuple[Path, object]] = []
 

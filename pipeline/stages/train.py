@@ -167,9 +167,6 @@ def build(params: Params, paths: Paths) -> nn.Module:
         if mp.arch != "ddddocr" or (mp.settings.height, mp.settings.channels, mp.settings.hidden) != (64, 1, 512):
             raise ParamsError("train.init_from: ddddocr needs model.arch ddddocr with height 64, channels 1, hidden 512")
         new = from_packaged_trunk(model, params.model_charset)
-        if new:
-            print(f"train.init_from: ddddocr: {len(new)} characters new to it start fresh: {''.join(new)!r}",
-                  file=sys.stderr)
     elif tp.init_from:
         source = Path(tp.init_from)
         if source.resolve() in (paths.model.resolve(), paths.last.resolve()):
@@ -180,9 +177,9 @@ def build(params: Params, paths: Paths) -> nn.Module:
             raise ParamsError(f"train.init_from: {source} is arch {init['arch']!r} with settings {init['settings']}; "
                               f"model.arch and model.{mp.arch} must match them")
         new = carry_weights(model, init["state_dict"], init["charset"], params.model_charset, str(source))
-        if new:
-            print(f"train.init_from: {source}: {len(new)} characters new to it start fresh: {''.join(new)!r}",
-                  file=sys.stderr)
+    if tp.init_from and new:
+        print(f"train.init_from: {tp.init_from}: {len(new)} characters new to it start fresh: {''.join(new)!r}",
+              file=sys.stderr)
     freeze(model, tp.freeze)
     return model
 

@@ -21,11 +21,12 @@ import time
 from pathlib import Path
 
 from pipeline.data.captcha_style import Renderer
+from pipeline.data.label_log import read_answers
 from pipeline.data.seeds import derive_seed
 from pipeline.files import write_json
 from pipeline.params import load_params
 from pipeline.system_files import CHROMEDRIVER, CHROMIUM
-from pipeline.tools.label import create_app, open_session, read_answers
+from pipeline.tools.label import create_app, open_session
 
 BROWSER_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync")

@@ -17,9 +17,10 @@ import pytest
 
 from benchmarks.labelling import find_browser, headless_chromium
 from pipeline.data.captcha_style import Renderer
+from pipeline.data.label_log import COLUMNS, read_answers
 from pipeline.data.labelled_folders import read_labels_file
 from pipeline.errors import PipelineError
-from pipeline.tools.label import COLUMNS, create_app, open_session, read_answers
+from pipeline.tools.label import create_app, open_session
 from tests.conftest import REPO
 
 LABELS = ["AB12", "CD34", "EF56", "GH78", "JK90", "LM12", "NP34", "QR56"]
@@ -138,8 +139,8 @@ def test_a_torn_last_row_is_ignored_and_ingest_reads_the_csv(folder, model):
     assert set(read_answers(folder / "labels.csv")) == {"img0.png", "img1.png"}
     client = create_app(open_session(folder, model, None)).test_client()
     assert post(client, "img2.png", "EF56").status_code == 200
-    labels, left_out = read_labels_file(folder / "labels.csv")
-    assert labels == {"img0.png": "AB12", "img2.png": "EF56"} and left_out == {"img1.png"}
+    table = read_labels_file(folder / "labels.csv")
+    assert table.labels == {"img0.png": "AB12", "img2.png": "EF56"} and table.left_out == {"img1.png"}
 
 
 def free_port() -> int:

@@ -10,16 +10,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.data.images import IMAGE_SUFFIXES
+from pipeline.data.label_log import SITE_REJECTED
 from pipeline.errors import PipelineError
 
 
-def read_labels_file(path: Path) -> tuple[dict[str, str], set[str]]:
-    """CSV or TSV of path,label (a header row `path,label` is optional): ({path: label}, paths left out).
+@dataclass
+class LabelsTable:
+    labels: dict[str, str]  # path -> label
+    left_out: set[str]  # marked unreadable
+    from_site: set[str]  # paths whose last row is a site's verdict (serve --keep may have dropped the file)
 
-    The `label` command's CSV has more columns (status, who, when, the model's reading): rows whose
-    status is `unreadable` are left out, a later row for a path replaces an earlier one, and a row
-    with fewer columns than the header (torn by a killed server) is ignored. In a plain CSV a path
-    listed twice with two labels is refused.
+
+def read_labels_file(path: Path) -> LabelsTable:
+    """CSV or TSV of path,label (a header row `path,label` is optional).
+
+    The labels CSV of `label` and `serve --keep` has more columns (pipeline/data/label_log.py):
+    rows whose status is `unreadable` are left out, `site-rejected` rows label nothing (the image
+    stays unlabelled), a later row for a path replaces an earlier one, and a row with fewer columns
+    than the header (torn by a killed server) is ignored. In a plain CSV a path listed twice with
+    two labels is refused.
     """
     try:
         text = path.read_text(encoding="utf-8-sig")
@@ -40,7 +49,7 @@ def read_labels_file(path: Path) -> tuple[dict[str, str], set[str]]:
         start = 2
     else:
         start = 1
-    labels, left_out, first_line = {}, set(), {}
+    labels, left_out, first_line, from_site = {}, set(), {}, set()
     for i, row in enumerate(rows, start):
         if not row:
             continue
@@ -49,9 +58,11 @@ def read_labels_file(path: Path) -> tuple[dict[str, str], set[str]]:
         if len(header) > 2 and len(row) < len(header):
             continue  # torn
         name = row[columns["path"]].strip().replace("\\", "/")
-        if "status" in columns and row[columns["status"]].strip() == "unreadable":
+        status = row[columns["status"]].strip() if "status" in columns else ""
+        (from_site.add if status.startswith("site-") else from_site.discard)(name)
+        if status in ("unreadable", SITE_REJECTED):
             labels.pop(name, None)
-            left_out.add(name)
+            (left_out.add if status == "unreadable" else left_out.discard)(name)
             continue
         label = row[columns["label"]].strip()
         if "status" not in columns and labels.get(name, label) != label:  # a plain CSV: no row corrects another
@@ -60,7 +71,7 @@ def read_labels_file(path: Path) -> tuple[dict[str, str], set[str]]:
         first_line.setdefault(name, i)
         labels[name] = label
         left_out.discard(name)
-    return labels, left_out
+    return LabelsTable(labels, left_out, from_site)
 
 
 @dataclass
@@ -70,6 +81,7 @@ class Listing:
     ignored: list[str] = field(default_factory=list)  # files that are not images by extension
     unlabelled: list[str] = field(default_factory=list)  # images the labels file does not list (yet)
     unreadable: list[str] = field(default_factory=list)  # images the labels file marks unreadable
+    dropped: list[str] = field(default_factory=list)  # judged by the site, since dropped by serve's --keep budget
 
 
 def list_folder(folder: Path, pattern: str, labels_file: Path | None = None, what: str = "folder",
@@ -82,7 +94,8 @@ def list_folder(folder: Path, pattern: str, labels_file: Path | None = None, wha
     listing = Listing()
     # every entry but folders: a FIFO or a dangling link is listed, and reading it says why it is no image
     files = sorted(p for p in folder.rglob("*") if not p.is_dir() and not p.name.startswith("."))
-    table, left_out = read_labels_file(labels_file) if labels_file else (None, set())
+    listed = read_labels_file(labels_file) if labels_file else None
+    table, left_out = (listed.labels, listed.left_out) if listed else (None, set())
     regex = re.compile(pattern)
     for path in files:
         rel = path.relative_to(folder).as_posix()
@@ -106,6 +119,8 @@ def list_folder(folder: Path, pattern: str, labels_file: Path | None = None, wha
                 continue
         listing.labelled.append((rel, label))
     if table is not None:
-        listed = set(table) - {rel for rel, _ in listing.labelled} - {x["file"] for x in listing.invalid}
-        listing.invalid += [{"file": f, "reason": "listed in the labels file but not found"} for f in sorted(listed)]
+        missing = set(table) - {rel for rel, _ in listing.labelled} - {x["file"] for x in listing.invalid}
+        listing.dropped = sorted(missing & listed.from_site)
+        listing.invalid += [{"file": f, "reason": "listed in the labels file but not found"}
+                            for f in sorted(missing - listed.from_site)]
     return listing

@@ -37,11 +37,12 @@ class Report:
     ignored: list[str] = field(default_factory=list)  # files that are not images by extension
     unlabelled: list[str] = field(default_factory=list)  # images the labels file does not list (yet)
     unreadable: list[str] = field(default_factory=list)  # images the labels file marks unreadable
+    dropped: list[str] = field(default_factory=list)  # judged by the site, then dropped by serve --keep's budget
     per_split: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"invalid": self.invalid, "duplicates": self.duplicates, "ignored": self.ignored,
-                "unlabelled": self.unlabelled, "unreadable": self.unreadable,
+                "unlabelled": self.unlabelled, "unreadable": self.unreadable, "dropped": self.dropped,
                 "per_split": self.per_split, "kept": sum(self.per_split.values())}
 
 
@@ -58,7 +59,7 @@ def collect(source: Path, ip: IngestParams, labels_file: Path | None) -> tuple[l
     listing = list_folder(source, ip.pattern, labels_file, what="ingest source folder (ingest.source)",
                           unlabelled_ok=ip.unlabelled)
     report = Report(invalid=listing.invalid, ignored=listing.ignored, unlabelled=listing.unlabelled,
-                    unreadable=listing.unreadable)
+                    unreadable=listing.unreadable, dropped=listing.dropped)
 
     def read(rel: str, label: str) -> Candidate | None:
         try:

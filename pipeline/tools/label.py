@@ -2,23 +2,18 @@
 
 The folder's images are read once by the model and shown least-confident first, so human time
 goes where the model is unsure. Every answer is appended to a CSV at once (flushed and fsynced:
-killing the server loses at most the answer being typed) that `ingest` reads as `ingest.labels`:
+killing the server loses at most the answer being typed) that `ingest` reads as `ingest.labels`
+(the columns and statuses: pipeline/data/label_log.py). Reopening the page continues where it
+stopped; two tabs on one folder never answer the same image twice (the second gets 409 and moves on).
 
-    path,label,status,who,when,model_text,model_confidence
-
-`status` is `labelled` (a person typed or accepted it), `auto` (the model's reading, written
-without a person because its confidence was at least --accept-above) or `unreadable`. A later
-row for the same path replaces an earlier one. Reopening the page continues where it stopped;
-two tabs on one folder never answer the same image twice (the second gets 409 and moves on).
+On the folder that `serve --keep` fills, the CSV holds the site's verdicts: readings the site
+accepted are labels already; those it rejected come first, the wrong reading shown but not
+pre-filled.
 """
 from __future__ import annotations
 
-import csv
 import getpass
-import io
-import os
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,12 +22,11 @@ from flask import Flask, abort, jsonify, request, send_file
 
 from pipeline.cli import command, model_option, run
 from pipeline.data.images import ImageError, decode_image, image_paths, read_image_file
+from pipeline.data.label_log import SITE_REJECTED, Answer, AnswerLog, read_answers
 from pipeline.errors import PipelineError
 from pipeline.read.recognizer import Recognizer
 from pipeline.serving.http import listen
 
-COLUMNS = ["path", "label", "status", "who", "when", "model_text", "model_confidence"]
-STATUSES = ("labelled", "auto", "unreadable")
 PAGE = Path(__file__).with_name("label.html")
 
 
@@ -52,58 +46,6 @@ class UnknownImage(LookupError):
 
 class AlreadyAnswered(Exception):
     """A second answer for one image, without overwrite."""
-
-
-@dataclass
-class Answer:
-    label: str
-    status: str
-    who: str
-
-
-def read_answers(csv_path: Path) -> dict[str, Answer]:
-    """Answers so far, the last row per path winning; a torn last line (a killed server) is ignored."""
-    if not csv_path.exists():
-        return {}
-    answers = {}
-    try:
-        with open(csv_path, newline="", encoding="utf-8") as f:
-            for row in csv.DictReader(f):
-                if None in row or any(row.get(c) is None for c in COLUMNS) or row["status"] not in STATUSES:
-                    continue
-                answers[row["path"]] = Answer(row["label"], row["status"], row["who"])
-    except UnicodeDecodeError as e:
-        raise PipelineError(f"{csv_path}: not UTF-8 text (byte {e.start}); not a labels CSV of this tool") from None
-    except csv.Error as e:
-        raise PipelineError(f"{csv_path}: not a labels CSV ({e})") from None
-    return answers
-
-
-class AnswerLog:
-    """The labels CSV, append-only: one row per answer, on disk before the page hears back."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._lock = threading.Lock()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if not path.exists() or path.stat().st_size == 0:
-            self._append_text(",".join(COLUMNS) + "\n")
-        elif not path.read_bytes().endswith(b"\n"):  # a row torn by a kill: end it, so the next one stands alone
-            self._append_text("\n")
-
-    def _append_text(self, text: str) -> None:
-        with open(self.path, "a", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-
-    def append(self, item: Item, answer: Answer) -> None:
-        out = io.StringIO()
-        csv.writer(out, lineterminator="\n").writerow([
-            item.path, answer.label, answer.status, answer.who, time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            item.text, f"{item.confidence:.6f}"])
-        with self._lock:
-            self._append_text(out.getvalue())
 
 
 def list_images(folder: Path) -> list[str]:
@@ -136,7 +78,10 @@ class Session:
         self.folder, self.items, self.bad, self.log = folder, items, bad, log
         self.charset, self.who = charset, who
         self.by_path = {it.path: it for it in items}
-        self.answers = read_answers(log.path)
+        answers = read_answers(log.path)
+        self.answers = {p: a for p, a in answers.items() if a.status != SITE_REJECTED}
+        self.rejected = {p: a.model_text for p, a in answers.items() if a.status == SITE_REJECTED}
+        self.items = sorted(items, key=lambda it: it.path not in self.rejected)  # stable: confidence within
         self._lock = threading.Lock()
         # a charset without lower-case letters reads typed lower case as upper case
         self.fold_upper = not any(c.islower() for c in charset) and any(c.isupper() for c in charset)
@@ -145,7 +90,8 @@ class Session:
         """Write the model's reading as the label of every unanswered image read with at least `threshold`."""
         count = 0
         for item in self.items:
-            if item.path not in self.answers and item.confidence >= threshold and item.text:
+            if (item.path not in self.answers and item.confidence >= threshold and item.text
+                    and item.text != self.rejected.get(item.path)):  # the site said this reading is wrong
                 self._record(item, Answer(item.text, "auto", "model"))
                 count += 1
         return count
@@ -177,7 +123,7 @@ class Session:
             return self._record(item, Answer(label, status, self.who))
 
     def _record(self, item: Item, answer: Answer) -> Answer:
-        self.log.append(item, answer)  # on disk first
+        self.log.append(item.path, answer.label, answer.status, answer.who, item.text, item.confidence)  # disk first
         self.answers[item.path] = answer
         return answer
 
@@ -193,7 +139,10 @@ class Session:
         for index, item in enumerate(self.items):
             if item.path in self.answers or item.path in exclude:
                 continue
-            out.append({"index": index, "path": item.path, "text": item.text, "confidence": round(item.confidence, 4)})
+            entry = {"index": index, "path": item.path, "text": item.text, "confidence": round(item.confidence, 4)}
+            if item.path in self.rejected:  # not pre-filled: the page would offer the reading the site refused
+                entry.update(text="", rejected=self.rejected[item.path])
+            out.append(entry)
             if len(out) >= limit:
                 break
         return out

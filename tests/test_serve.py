@@ -101,6 +101,8 @@ def test_bomb_is_rejected_before_decoding(recognizer, monkeypatch):
 class EchoRecognizer:
     """Answers with a digest of each image's pixels, so any mix-up between requests shows."""
 
+    model_sha256 = "echo"
+
     def __init__(self, preprocess):
         self.preprocess = preprocess
         self.batch_sizes = []

@@ -1,11 +1,12 @@
-"""The Flask app: POST /predict, GET /healthz, GET /model. A request's cost is bounded before work
-starts: the body by its announced length (kept in memory, never spooled to disk), images by the
-pixel counts in their headers, beam search by files x beam. Requests decode in the server's
-threads (large ones one at a time, so small ones never queue behind them); one batching thread runs
-the model on micro-batches gathered from concurrent requests, and each request decodes its own CTC
-output."""
+"""The Flask app: POST /predict, GET /healthz, GET /model, and with --keep POST /feedback. A
+request's cost is bounded before work starts: the body by its announced length (kept in memory,
+never spooled to disk), images by the pixel counts in their headers, beam search by files x beam.
+Requests decode in the server's threads (large ones one at a time, so small ones never queue behind
+them); one batching thread runs the model on micro-batches gathered from concurrent requests, and
+each request decodes its own CTC output."""
 from __future__ import annotations
 
+import hmac
 import io
 import json
 import logging
@@ -23,7 +24,10 @@ from PIL import Image
 from werkzeug.exceptions import HTTPException
 
 from pipeline.data.images import ImageError, load_pixels, open_image
+from pipeline.errors import PipelineError
 from pipeline.read.recognizer import Recognizer
+from pipeline.serving.keep import AlreadyJudged, Keeper, UnknownId
+from pipeline.serving.live_model import LiveModel
 
 log = logging.getLogger("captcha-crnn.serve")
 
@@ -70,22 +74,22 @@ def decode_upload(image: Image.Image) -> Image.Image:
 
 
 class MicroBatcher:
-    """Gathers preprocessed images from many request threads into one model call. Greedy requests
-    get their Prediction (decoded here, batched: cheap); the others (beam search, `allowed`, `case`)
-    get their (T, classes) probabilities, for their own thread to decode, so a wide beam never holds
-    up the batch."""
+    """Gathers preprocessed images from many request threads into one model call per model (a
+    request names the model it started with: a reload mid-request changes nothing for it). Greedy
+    requests get their Prediction (decoded here, batched: cheap); the others (beam search,
+    `allowed`, `case`) get their (T, classes) probabilities, for their own thread to decode, so a
+    wide beam never holds up the batch."""
 
-    def __init__(self, recognizer: Recognizer, max_batch: int = 32, max_wait: float = 0.002):
-        self.recognizer = recognizer
+    def __init__(self, max_batch: int = 32, max_wait: float = 0.002):
         self.max_batch = max_batch
         self.max_wait = max_wait
         self._queue: queue.Queue = queue.Queue()
         threading.Thread(target=self._run, daemon=True, name="micro-batcher").start()
 
-    def submit(self, array: np.ndarray, greedy: bool) -> Future:
+    def submit(self, recognizer: Recognizer, array: np.ndarray, greedy: bool) -> Future:
         """A Prediction when `greedy` (plain best-path decoding), else the image's probabilities."""
         future: Future = Future()
-        self._queue.put((array, greedy, future))
+        self._queue.put((recognizer, array, greedy, future))
         return future
 
     def _run(self) -> None:
@@ -98,17 +102,25 @@ class MicroBatcher:
                     items.append(self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait())
                 except queue.Empty:
                     break
-            try:
-                probs = self.recognizer.probs(np.stack([a for a, _, _ in items]))
-                greedy = [i for i, (_, plain, _) in enumerate(items) if plain]
-                answers = list(probs)
-                for i, prediction in zip(greedy, self.recognizer.decode(probs[greedy]) if greedy else []):
-                    answers[i] = prediction
-                for (_, _, future), answer in zip(items, answers):
-                    future.set_result(answer)
-            except Exception as e:  # noqa: BLE001 - hand any failure to the waiting requests
-                for _, _, future in items:
-                    future.set_exception(e)
+            by_model: dict[int, list] = {}
+            for item in items:
+                by_model.setdefault(id(item[0]), []).append(item)
+            for group in by_model.values():
+                self._answer(group[0][0], group)
+
+    @staticmethod
+    def _answer(recognizer: Recognizer, items: list) -> None:
+        try:
+            probs = recognizer.probs(np.stack([a for _, a, _, _ in items]))
+            greedy = [i for i, (_, _, plain, _) in enumerate(items) if plain]
+            answers = list(probs)
+            for i, prediction in zip(greedy, recognizer.decode(probs[greedy]) if greedy else []):
+                answers[i] = prediction
+            for (*_, future), answer in zip(items, answers):
+                future.set_result(answer)
+        except Exception as e:  # noqa: BLE001 - hand any failure to the waiting requests
+            for *_, future in items:
+                future.set_exception(e)
 
 
 QUERY_KEYS = {"beam", "allowed", "case"}  # as predict's --beam, --allowed, --case
@@ -131,13 +143,17 @@ def read_metrics(path: Path, model_sha256: str) -> dict | None:
     return metrics if isinstance(metrics, dict) and metrics.get("model_sha256") == model_sha256 else None
 
 
-def create_app(recognizer: Recognizer, limits: Limits = Limits(), metrics_path: Path | None = None,
-               batcher: MicroBatcher | None = None, health=None) -> Flask:
-    """`health`: what /healthz adds to its answer (the supervisor's count of missing workers)."""
+def create_app(model: Recognizer | LiveModel, limits: Limits = Limits(), metrics_path: Path | None = None,
+               batcher: MicroBatcher | None = None, health=None, keeper: Keeper | None = None,
+               feedback_token: str | None = None) -> Flask:
+    """`model`: a Recognizer, or a LiveModel that SIGHUP reloads. `health`: what /healthz adds to its
+    answer (the supervisor's count of missing workers). `keeper`: keep every answered captcha and
+    take the site's verdicts on POST /feedback (with `feedback_token`: only from who holds it)."""
     app = Flask("captcha-crnn", static_folder=None)  # nothing from the disk but the model's answers
     app.request_class = InMemoryRequest
     app.config["MAX_CONTENT_LENGTH"] = limits.max_bytes
-    batcher = batcher or MicroBatcher(recognizer)
+    live = model if isinstance(model, LiveModel) else LiveModel(model)
+    batcher = batcher or MicroBatcher()
     large_requests = threading.Lock()
 
     def error(status: int, message: str):
@@ -165,12 +181,16 @@ def create_app(recognizer: Recognizer, limits: Limits = Limits(), metrics_path: 
 
     @app.get("/healthz")
     def healthz():
-        extra = health() if health else {}
-        return {"status": "degraded" if extra.get("workers_down") else "ok", **extra}
+        extra = {**(health() if health else {}), **live.health()}
+        if keeper:
+            extra["kept"] = keeper.budget.stats()
+        degraded = extra.get("workers_down") or extra.get("reload_error")
+        return {"status": "degraded" if degraded else "ok", **extra}
 
     @app.get("/model")
     def model_info():
-        info = recognizer.describe()
+        recognizer = live.current
+        info = {**recognizer.describe(), "model_sha256": recognizer.model_sha256}
         metrics = read_metrics(metrics_path, recognizer.model_sha256) if metrics_path else None
         if metrics:
             info["test_metrics"] = {k: metrics.get(k) for k in ("seq_accuracy", "char_accuracy", "cer", "n")}
@@ -178,6 +198,7 @@ def create_app(recognizer: Recognizer, limits: Limits = Limits(), metrics_path: 
 
     @app.post("/predict")
     def predict():
+        recognizer = live.current  # this request's model, whatever a reload does meanwhile
         unknown = sorted(set(request.args) - QUERY_KEYS)
         if unknown:
             raise UploadError(400, f"unknown query key {unknown[0]!r} (known: {', '.join(sorted(QUERY_KEYS))})")
@@ -213,10 +234,37 @@ def create_app(recognizer: Recognizer, limits: Limits = Limits(), metrics_path: 
             raise UploadError(413, f"{pixels} pixels in one request; at most {limits.max_request_pixels}")
         with large_requests if pixels > limits.large_request_pixels else nullcontext():
             arrays = [recognizer.preprocess(decode_upload(im)) for im in images]
-        answers = [f.result() for f in [batcher.submit(a, greedy) for a in arrays]]
+        answers = [f.result() for f in [batcher.submit(recognizer, a, greedy) for a in arrays]]
         predictions = answers if greedy else recognizer.decode(np.stack(answers), beam, allowed, case)
         results = [{"text": p.text, "confidence": round(p.confidence, 6)} for p in predictions]
+        if keeper:
+            for result, blob, image in zip(results, blobs, images):
+                try:
+                    result["id"] = keeper.keep(blob, image.format, result["text"], result["confidence"],
+                                               recognizer.model_sha256)
+                except (OSError, PipelineError) as e:  # a full disk costs the id, not the answer
+                    log.warning("--keep: %s", e)
         return results[0] if len(files) <= 1 else {"results": results}
+
+    @app.post("/feedback")
+    def feedback():
+        if keeper is None:
+            raise UploadError(404, "feedback needs serve --keep FOLDER")
+        if feedback_token is not None and not hmac.compare_digest(
+                request.headers.get("Authorization", "").encode(), f"Bearer {feedback_token}".encode()):
+            raise UploadError(401, "feedback needs the header Authorization: Bearer <serve's --feedback-token>")
+        body = request.get_json(silent=True)
+        if not (isinstance(body, dict) and isinstance(body.get("id"), str) and isinstance(body.get("correct"), bool)):
+            raise UploadError(400, 'expected JSON {"id": "<the id /predict gave>", "correct": true or false}')
+        try:
+            status = keeper.verdict(body["id"], body["correct"])
+        except UnknownId:
+            raise UploadError(404, "unknown id: not one this server gave, or its captcha was dropped") from None
+        except AlreadyJudged:
+            raise UploadError(409, "this id has its verdict already") from None
+        except ValueError as e:  # accepting an empty reading
+            raise UploadError(400, str(e)) from None
+        return {"id": body["id"], "status": status}
 
     return app
 

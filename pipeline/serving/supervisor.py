@@ -27,7 +27,7 @@ def die_with_parent() -> None:
 
 def supervise(workers: int, start_worker, quick_failure_s: float = 10.0, down=None, max_backoff_s: float = 30.0) -> None:
     """Fork `workers` processes running start_worker(); replace any that exits, stop them all on
-    SIGTERM/SIGINT. A worker that fails at start-up (exit 2, a config error it has printed) stops
+    SIGTERM/SIGINT, pass SIGHUP on to them (each reloads its model). A worker that fails at start-up (exit 2, a config error it has printed) stops
     all, unless the service has been up: then the others keep serving the model they loaded, and
     the replacement is retried with a growing pause (the model file may be half-written by `dvc
     repro`). `down` (a shared integer) counts the workers missing, for /healthz."""
@@ -45,11 +45,19 @@ def supervise(workers: int, start_worker, quick_failure_s: float = 10.0, down=No
             except ProcessLookupError:
                 pass
 
+    def reload(*_):  # each worker reloads its model on SIGHUP
+        for pid in list(children):
+            try:
+                os.kill(pid, signal.SIGHUP)
+            except ProcessLookupError:
+                pass
+
     def spawn():
         pid = os.fork()
         if pid == 0:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the worker's own handler: loading reads the new file
             die_with_parent()
             code = 1
             try:
@@ -69,6 +77,7 @@ def supervise(workers: int, start_worker, quick_failure_s: float = 10.0, down=No
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, reload)
     for _ in range(workers):
         spawn()
     failed_at_start = False

@@ -206,19 +206,22 @@ def packaged_trunk(out: Path, repo: Path) -> Path:
     return out
 
 
-def fine_tune(model: Path | None, pretrained_like: Path, train: list[tuple[str, bytes]], minutes: float,
+def fine_tune(model: Path | None, pretrained_like: Path | None, train: list[tuple[str, bytes]], minutes: float,
               workdir: Path, repo: Path, trunk: bool = False, unlabelled: list[bytes] = (),
-              pseudo_rounds: int = 0, overrides: dict[str, str] | None = None) -> Path:
+              pseudo_rounds: int = 0, overrides: dict[str, str] | None = None,
+              labels_csv: Path | None = None) -> Path:
     """Ingest `train` and train on it alone for `minutes` with the shipped fine-tune profile
     (profiles/finetune.yaml) in `workdir`: with `trunk`, from the packaged ddddocr trunk as the
     profile ships; else from `model`, or from scratch with the architecture of `pretrained_like`.
-    Returns the new checkpoint."""
+    With `labels_csv`, ingest reads its folder with it instead of `train`. Returns the new checkpoint."""
     from pipeline.stages.ingest import ingest
     from pipeline.stages.train import train as run_train
     from pipeline.tools.profile import apply_profile
 
-    folder = workdir / "labelled"
-    folder.mkdir(parents=True)
+    folder = labels_csv.parent if labels_csv else workdir / "labelled"
+    workdir.mkdir(parents=True, exist_ok=True)
+    if not labels_csv:
+        folder.mkdir(parents=True)
     for i, (label, png) in enumerate(train):
         (folder / f"{label}_{i}.png").write_bytes(png)
     for i, png in enumerate(unlabelled):  # names the label pattern does not match: no label
@@ -235,7 +238,8 @@ def fine_tune(model: Path | None, pretrained_like: Path, train: list[tuple[str, 
         params["model"][ckpt["arch"]] = ckpt["settings"]
         params["train"]["init_from"] = ""
     # the yardstick scores on test captchas of its own: the profile's test tenth goes to training
-    params["ingest"].update(source=str(folder), labels="", fractions={"train": 0.9, "val": 0.1, "test": 0.0})
+    params["ingest"].update(source=str(folder), labels=str(labels_csv or ""),
+                            fractions={"train": 0.9, "val": 0.1, "test": 0.0})
     params["train"].update(max_minutes=minutes, pseudo_rounds=pseudo_rounds if unlabelled else 0)
     params["ingest"]["unlabelled"] = bool(unlabelled)
     for key, value in (overrides or {}).items():  # --set section.key[.sub]=value

@@ -103,3 +103,18 @@ def test_yardstick_styles_are_deterministic_and_fine_tuning_runs(tiny_dataset, t
                       tmp_path / "work", REPO)
     readings, _ = read_with_model(tuned, [png for _, png in train[:5]])
     assert len(readings) == 5 and 0 <= accuracy([t for t, _ in train[:5]], readings) <= 1
+
+
+def test_the_simulated_site_judges_each_captcha_once_from_its_true_label():
+    from benchmarks.site_loop import site_app
+    from benchmarks.yardstick import render_one
+
+    client = site_app("serif").test_client()
+    first, second = client.get("/captcha"), client.get("/captcha")
+    assert first.headers["Content-Type"] == "image/png" and first.headers["X-Captcha-Id"] == "0"
+    label, png = render_one("serif", "site", 1)
+    assert second.data == png
+    assert client.post("/answer", json={"id": "1", "text": label.upper()}).json == {"correct": True}  # any case
+    assert client.post("/answer", json={"id": "1", "text": label}).json == {"correct": False}  # once
+    assert client.post("/answer", json={"id": "0", "text": label + "X"}).json == {"correct": False}
+    assert client.get("/captcha").headers["X-Captcha-Id"] == "2"  # answered ids are never issued again

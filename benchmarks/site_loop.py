@@ -1,0 +1,217 @@
+"""The feedback loop against a simulated site: labels from the site's verdicts, no person typing.
+
+The simulated site serves captchas of a yardstick style (rendered from its own seeds, split `site`)
+over HTTP and, as a real site does, says whether an answer was right, from its true labels. The
+client plays the user's bot: for each captcha it asks `serve` (a real `python -m pipeline serve
+--keep` process) for a reading, submits it to the site, and posts the site's verdict to serve's
+POST /feedback. After each round of --per-round captchas the loop runs the fine-tune route on the
+kept folder (the real ingest, reading the verdicts from kept/labels.csv, and train with
+profiles/finetune.yaml for --minutes: round 1 from the ddddocr trunk, each later round from the
+model being served) and swaps the new model into the running server with SIGHUP. After each round the new model is scored on the yardstick's test captchas of the
+style, which the loop never sees.
+
+With --human, after each round a person labels the captchas the site rejected (the label page's
+Session, as the page saves answers; the true label typed, keystrokes counted as
+benchmarks/labelling.py counts them: the characters, then Enter).
+
+    python -m benchmarks.site_loop [--style serif] [--rounds 5] [--per-round 1000] [--minutes 2] [--human]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+from flask import Flask, request
+from werkzeug.serving import make_server
+
+from benchmarks.yardstick import (
+    ALPHABETS,
+    accuracy,
+    fine_tune,
+    packaged_trunk,
+    read_with_model,
+    render_one,
+    render_style,
+)
+from pipeline.data.label_log import SITE_REJECTED, read_answers
+from pipeline.files import file_sha256, write_json
+from pipeline.tools.label import open_session
+
+
+def site_app(style: str) -> Flask:
+    """GET /captcha: a new captcha (PNG, its id in X-Captcha-Id); POST /answer {id, text}: {correct}.
+    Letters compare case-insensitively, as most sites (and the yardstick) do; each id is answerable once."""
+    app = Flask("simulated-site")
+    issued: dict[str, str] = {}  # id -> label, until answered
+    served = itertools.count()
+    lock = threading.Lock()
+
+    @app.get("/captcha")
+    def captcha():
+        with lock:
+            index = next(served)
+        label, png = render_one(style, "site", index)
+        with lock:
+            issued[str(index)] = label
+        return png, 200, {"Content-Type": "image/png", "X-Captcha-Id": str(index)}
+
+    @app.post("/answer")
+    def answer():
+        body = request.get_json()
+        with lock:
+            label = issued.pop(str(body["id"]), None)
+        return {"correct": label is not None and label.upper() == str(body["text"]).upper()}
+
+    return app
+
+
+def call(url: str, data: bytes | None = None, headers: dict | None = None):
+    req = urllib.request.Request(url, data=data, headers=headers or {})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return r.read(), r.headers
+
+
+def post_json(url: str, obj) -> dict:
+    return json.loads(call(url, json.dumps(obj).encode(), {"Content-Type": "application/json"})[0])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_sha(serve_url: str, sha: str, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if json.loads(call(f"{serve_url}/model")[0])["model_sha256"] == sha:
+                return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"serve did not come up with model {sha[:12]}")
+
+
+def play_round(site_url: str, serve_url: str, n: int, alphabet: str, style: str, want_truth: bool) -> dict:
+    """n captchas from the site, each read by serve, answered, and its verdict fed back. `truth`:
+    what a person would read on each kept image (for --human: the site's label, by its index)."""
+    query = urllib.parse.urlencode({"allowed": alphabet, "case": "upper"})
+    accepted, truth = 0, {}
+    started = time.perf_counter()
+    for _ in range(n):
+        png, headers = call(f"{site_url}/captcha")
+        reading = json.loads(call(f"{serve_url}/predict?{query}", png, {"Content-Type": "image/png"})[0])
+        verdict = post_json(f"{site_url}/answer", {"id": headers["X-Captcha-Id"], "text": reading["text"]})
+        if reading["text"]:  # an empty reading is no answer worth a verdict
+            post_json(f"{serve_url}/feedback", {"id": reading["id"], "correct": verdict["correct"]})
+        accepted += verdict["correct"]
+        truth[f"{reading['id']}.png"] = headers["X-Captcha-Id"]
+    seconds = round(time.perf_counter() - started, 1)  # before the person's reading below
+    truth = {name: render_one(style, "site", int(index))[0].upper() for name, index in truth.items() if want_truth}
+    return {"accepted": accepted, "answered": n, "seconds": seconds, "truth": truth}
+
+
+def label_rejected(kept: Path, model: Path, truth_of: dict[str, str]) -> int:
+    """A person types the true label of every captcha the site rejected; returns the keystrokes."""
+    session = open_session(kept, model, None, who="person")
+    keystrokes = 0
+    for path, answer in read_answers(kept / "labels.csv").items():
+        if answer.status == SITE_REJECTED and path in truth_of:  # this round's
+            label = truth_of[path]
+            session.answer(path, label, "labelled")
+            keystrokes += len(label) + 1  # the characters, then Enter (nothing pre-filled)
+    return keystrokes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--style", default="serif")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--per-round", type=int, default=1000)
+    parser.add_argument("--minutes", type=float, default=2.0, help="training budget of each retrain")
+    parser.add_argument("--test", type=int, default=500, help="test captchas of the style, never in the loop")
+    parser.add_argument("--human", action="store_true", help="a person labels the rejected captchas after each round")
+    parser.add_argument("--out", type=Path, default=Path("reports/bench/site_loop.json"))
+    args = parser.parse_args()
+    repo = Path(__file__).resolve().parents[1]
+    alphabet = ALPHABETS[args.style].upper()
+    test = render_style(args.style, "test", args.test)
+    test_labels, test_images = [t for t, _ in test], [p for _, p in test]
+
+    work = Path(tempfile.mkdtemp(prefix="site-loop-"))
+    kept, served = work / "kept", work / "served.pt"
+    packaged_trunk(served, repo)  # the best zero-shot start: ddddocr's reader cut to 0-9A-Z
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not a line per request
+    site = make_server("127.0.0.1", 0, site_app(args.style), threaded=True)
+    threading.Thread(target=site.serve_forever, daemon=True).start()
+    site_url = f"http://127.0.0.1:{site.server_port}"
+    port = free_port()
+    serve_url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--model", str(served), "--port", str(port),
+                               "--workers", "1", "--torch", "--keep", str(kept)], stderr=subprocess.DEVNULL)
+    report = {"date": time.strftime("%Y-%m-%d"), "style": args.style, "per_round": args.per_round,
+              "minutes": args.minutes, "human": args.human, "test_n": args.test, "rounds": []}
+    try:
+        wait_for_sha(serve_url, file_sha256(served))
+        readings, _ = read_with_model(served, test_images, ALPHABETS[args.style])
+        print(f"zero-shot: test {accuracy(test_labels, readings):.3f}", flush=True)
+        report["zero_shot_test_accuracy"] = accuracy(test_labels, readings)
+        keystrokes = 0
+        for round_number in range(1, args.rounds + 1):
+            played = play_round(site_url, serve_url, args.per_round, alphabet, args.style, args.human)
+            if args.human:
+                keystrokes += label_rejected(kept, served, played["truth"])
+            answers = read_answers(kept / "labels.csv")
+            labels = sum(a.status in ("site-accepted", "labelled") for a in answers.values())
+            started = time.perf_counter()
+            # round 1 starts from the trunk, each later one from the model being served: the loop's
+            # training adds up, on every label so far
+            start = served if round_number > 1 else None
+            tuned = fine_tune(start, start, [], args.minutes, work / f"round-{round_number}", repo,
+                              trunk=start is None, labels_csv=kept / "labels.csv")
+            train_minutes = (time.perf_counter() - started) / 60
+            readings, _ = read_with_model(tuned, test_images, ALPHABETS[args.style])
+            shutil.copy(tuned, work / "next.pt")
+            os.replace(work / "next.pt", served)  # whole, then renamed, as the train stage writes it
+            server.send_signal(signal.SIGHUP)
+            wait_for_sha(serve_url, file_sha256(served))
+            row = {"round": round_number, "site_accepted": played["accepted"] / played["answered"],
+                   "labels": labels, "keystrokes": keystrokes, "test_accuracy_after": accuracy(test_labels, readings),
+                   "retrain_minutes": round(train_minutes, 2), "play_seconds": played["seconds"]}
+            report["rounds"].append(row)
+            print(json.dumps(row), flush=True)
+            write_json(args.out, report)
+    finally:
+        server.terminate()
+        server.wait()
+        site.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
+    print(format_table(report))
+
+
+def format_table(report: dict) -> str:
+    lines = ["| round | site accepted (during the round) | labels after it | keystrokes | test accuracy after it |",
+             "|---|---|---|---|---|", f"| 0 (zero-shot) | | 0 | 0 | {report['zero_shot_test_accuracy']:.1%} |"]
+    for r in report["rounds"]:
+        lines.append(f"| {r['round']} | {r['site_accepted']:.1%} | {r['labels']:,} | {r['keystrokes']:,} "
+                     f"| {r['test_accuracy_after']:.1%} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -27,30 +27,30 @@ def die_with_parent() -> None:
 
 def supervise(workers: int, start_worker, quick_failure_s: float = 10.0, down=None, max_backoff_s: float = 30.0) -> None:
     """Fork `workers` processes running start_worker(); replace any that exits, stop them all on
-    SIGTERM/SIGINT, pass SIGHUP on to them (each reloads its model). A worker that fails at start-up (exit 2, a config error it has printed) stops
-    all, unless the service has been up: then the others keep serving the model they loaded, and
-    the replacement is retried with a growing pause (the model file may be half-written by `dvc
-    repro`). `down` (a shared integer) counts the workers missing, for /healthz."""
+    SIGTERM/SIGINT, pass SIGHUP on to them (each reloads its model). A worker that fails at start-up
+    (exit 2, a config error it has printed) stops all, unless the service has been up: then the
+    others keep serving the model they loaded, and the replacement is retried with a growing pause
+    (the model file may be half-written by `dvc repro`). `down` (a shared integer) counts the
+    workers missing, for /healthz."""
     children: dict[int, float] = {}
     stopping = False
     service_up = False  # some worker has outlived quick_failure_s
     failures_in_a_row = 0
 
-    def stop(*_):
-        nonlocal stopping
-        stopping = True
+    def signal_children(signum: int) -> None:
         for pid in list(children):
             try:
-                os.kill(pid, signal.SIGTERM)
+                os.kill(pid, signum)
             except ProcessLookupError:
                 pass
 
+    def stop(*_):
+        nonlocal stopping
+        stopping = True
+        signal_children(signal.SIGTERM)
+
     def reload(*_):  # each worker reloads its model on SIGHUP
-        for pid in list(children):
-            try:
-                os.kill(pid, signal.SIGHUP)
-            except ProcessLookupError:
-                pass
+        signal_children(signal.SIGHUP)
 
     def spawn():
         pid = os.fork()

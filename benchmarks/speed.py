@@ -25,13 +25,13 @@ import torch
 from pipeline.charset import Charset
 from pipeline.data.captcha_style import Renderer
 from pipeline.data.shards import ShardStream, make_loader, read_manifest, split_shards
+from pipeline.device import pick_precision
 from pipeline.files import write_json
 from pipeline.model import ARCHS, build_model, checkpoint
-from pipeline.model.device import pick_precision
+from pipeline.model.preprocess import Preprocess
 from pipeline.model.settings import ModelParams
 from pipeline.model.settings import load_model_params as load_params
 from pipeline.params import Params, Splits
-from pipeline.read.preprocess import Preprocess
 from pipeline.stages.export import to_onnx
 from pipeline.stages.generate import generate
 from pipeline.stages.train import make_optimizer, train_step
@@ -89,7 +89,7 @@ def train_rate(params: Params, model_params: ModelParams, precision: str, batch:
     x = torch.randn(batch, settings.channels, settings.height, settings.width)
     if channels_last:  # as pipeline.stages.train does
         model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, params.train)
+    optimizer = make_optimizer(model, params.train, anchor=None)
     scaler = torch.amp.GradScaler(dev.type, enabled=precision == "fp16")
     targets = torch.randint(1, CHARSET.num_classes, (batch * 4,))
     lengths = torch.full((batch,), 4)

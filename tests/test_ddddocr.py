@@ -11,10 +11,10 @@ import torch
 
 from pipeline.errors import PipelineError
 from pipeline.model import build_model, ddddocr
+from pipeline.model.preprocess import Preprocess
 from pipeline.model.settings import load_model_params
 from pipeline.model.transfer import from_packaged_trunk
 from pipeline.params import load_params
-from pipeline.read.preprocess import Preprocess
 from tests.conftest import write_params
 
 SETTINGS = ddddocr.Settings(height=64, width=128, channels=1, keep_aspect=True, hidden=512, dropout=0.0)

@@ -23,8 +23,8 @@ from pipeline.model import checkpoint
 from pipeline.params import IngestParams, load_params
 from pipeline.read.recognizer import Recognizer
 from pipeline.serving.app import Limits, create_app
+from pipeline.serving.feedback import Budget, Keeper, KeepLimits
 from pipeline.serving.http import make_server
-from pipeline.serving.keep import Budget, Keeper, KeepLimits
 from pipeline.serving.live_model import LiveModel
 from pipeline.stages.ingest import ingest
 from pipeline.tools.label import open_session

@@ -24,10 +24,11 @@ from pipeline.charset import Charset
 from pipeline.data.captcha_style import Renderer
 from pipeline.data.seeds import derive_seed
 from pipeline.data.shards import Sample, ShardStream, iter_tar, make_loader, write_shard
+from pipeline.model.preprocess import Preprocess
 from pipeline.params import load_params
-from pipeline.read.preprocess import Preprocess
 from pipeline.stages.generate import generate, sample_spec
 from pipeline.stages.ingest import ingest
+from pipeline.training.augment import DISTORTIONS, Augment
 from tests.conftest import write_params
 
 Z_LIMIT = 6.0  # 24 tests of a statistic that is about normal under independence: z > 6 is not chance
@@ -136,6 +137,7 @@ def test_training_stream_order_and_augmentation_ignore_the_labels(tmp_path):
     pngs = [renderer.png("ABCD", i) for i in range(48)]
     charset = Charset("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ")
     preprocess = Preprocess(32, 96, 1)
+    augment = Augment(1.0, DISTORTIONS)
     runs = []
     for trial in range(2):
         rng = random.Random(trial)
@@ -147,7 +149,7 @@ def test_training_stream_order_and_augmentation_ignore_the_labels(tmp_path):
             shards.append(str(path))
 
         def transform(png, label, augment_rng):
-            return preprocess(png, augment_rng, augment=1.0), charset.encode(label)
+            return preprocess(png, augment.draw(augment_rng)), charset.encode(label)
 
         stream = ShardStream(shards, transform, 8, shuffle=True, shuffle_buffer=16, seed=5)
         stream.set_epoch(1)

@@ -1,9 +1,10 @@
 """The architecture, held by tests: the import graph of pipeline/ and the deps of dvc.yaml.
 
 Layers: the core (every module of pipeline/ outside stages/ and tools/: the ground floor of errors,
-params, files, charset, cli, and the data, model and read wings) imports no command; a command
-(pipeline/stages/*, pipeline/tools/*) imports the core and never another command; pipeline/__main__.py
-sits on top. The data wing imports neither the model nor the read wing. `errors` imports nothing of
+params, files, charset, cli, device, and the wings) imports no command; a command (pipeline/stages/*,
+pipeline/tools/*) imports the core and never another command; pipeline/__main__.py sits on top. The
+wings import one way, in the order of WINGS (data, model, read, training, serving): a wing imports
+only the wings before it and the ground floor, which imports no wing. `errors` imports nothing of
 the project, and no imports go round in a circle. A DVC stage depends on every project module its
 command imports, so that no code change leaves stale metrics behind, and on nothing more: editing
 a model or a tool reruns no data stage.
@@ -83,6 +84,32 @@ def test_core_imports_no_stage_and_stages_import_no_stage():
     assert GRAPH["pipeline.errors"] <= {"pipeline"}
 
 
+WINGS = ("data", "model", "read", "training", "serving")  # each may import only those before it
+
+
+def wing_of(name: str) -> str | None:
+    """The wing a module belongs to; None for the ground floor (pipeline/*.py) and the commands."""
+    folder = MODULES[name].relative_to(PACKAGE).parts
+    return folder[0] if len(folder) > 1 and folder[0] in WINGS else None
+
+
+def test_wings_import_one_way():
+    ground = [name for name, path in MODULES.items() if path.parent == PACKAGE and name != "pipeline.__main__"]
+    assert {wing_of(name) for name in MODULES} - {None} == set(WINGS), "a wing of pipeline/ not in WINGS"
+    for name in ground:
+        wings = sorted({wing_of(dep) for dep in GRAPH[name]} - {None})
+        assert not wings, f"{name} (ground floor) imports the {wings} wing(s)"
+    backward = sorted((a, b) for a, deps in GRAPH.items() for b in deps
+                      if wing_of(a) and wing_of(b) and WINGS.index(wing_of(b)) > WINGS.index(wing_of(a)))
+    assert not backward, f"wings importing a later wing: {backward}"
+
+
+def test_only_the_train_stage_imports_the_training_wing():
+    importers = sorted({a for a, deps in GRAPH.items() for b in deps
+                       if wing_of(b) == "training" and wing_of(a) != "training"})
+    assert importers == ["pipeline.stages.train"], importers
+
+
 def test_no_import_cycles():
     def visit(name, path):
         if name in path:
@@ -127,12 +154,9 @@ def test_a_model_or_tool_change_reruns_no_data_stage():
     deps = stage_deps()
     for stage in ("generate", "ingest"):
         for edited in ("pipeline/model/fast.py", "pipeline/model/ddddocr.py", "pipeline/tools/serve.py",
-                       "pipeline/read/preprocess.py", "pipeline/__main__.py"):
+                       "pipeline/model/preprocess.py", "pipeline/__main__.py",
+                       "pipeline/training/self_training.py", "pipeline/device.py"):
             assert not covered(Path(edited), deps[stage]), f"editing {edited} would rerun {stage}"
-    data_wing = [name for name in MODULES if name.startswith("pipeline.data")]
-    for name in data_wing:
-        wrong = sorted(d for d in GRAPH[name] if d.startswith(("pipeline.model", "pipeline.read")))
-        assert not wrong, f"{name} (data wing) imports {wrong}"
 
 
 def test_dvc_yaml_declares_the_paths_of_pipeline_outputs():

@@ -10,9 +10,9 @@ import pytest
 
 from pipeline.errors import ParamsError
 from pipeline.params import load_params
-from pipeline.read.pseudo import confidence_threshold
 from pipeline.stages.ingest import ingest
 from pipeline.stages.train import train
+from pipeline.training.self_training import confidence_threshold
 from tests.conftest import write_params
 from tests.test_ingest import encode
 

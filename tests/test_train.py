@@ -15,9 +15,9 @@ from pipeline.data.captcha_style import Renderer
 from pipeline.data.shards import ShardStream, loader_workers, make_loader, read_manifest, split_shards
 from pipeline.errors import PipelineError
 from pipeline.model import ARCHS, build_model, checkpoint, output_steps, steps_needed
+from pipeline.model.preprocess import Preprocess
 from pipeline.params import load_params
 from pipeline.read.decode import greedy_decode
-from pipeline.read.preprocess import Preprocess
 from pipeline.stages.train import Paths, sequence_loss, train
 from tests.conftest import REPO, default_params, write_params
 
@@ -94,7 +94,7 @@ def test_resume_after_an_interruption_gives_the_same_weights(tiny_dataset, tmp_p
     monkeypatch.chdir(tiny_dataset)
     # the shipped loader workers and dropout: a worker started before or after the resume, and
     # dropout drawing from torch's random state, must not make the two runs differ
-    params = load_params(write_params(tmp_path, {"train": {"epochs": 2, "augment": 0.5, "workers": 1},
+    params = load_params(write_params(tmp_path, {"train": {"epochs": 2, "augment": 0.5, "workers": 1, "ema": 0.9},
                                                  "model": {"fast": {"dropout": 0.1}}}))
 
     whole = Paths(*(tmp_path / "whole" / name for name in ("model.pt", "last.pt", "h.tsv", "t.json")))
@@ -115,10 +115,11 @@ def test_resume_after_an_interruption_gives_the_same_weights(tiny_dataset, tmp_p
     resumed = dataclasses.replace(params, train=dataclasses.replace(params.train, resume=True))
     summary = train(resumed, parts, progress=False)
     assert summary["epochs_run"] == 2
-    a, b = checkpoint.read(whole.last)["state_dict"], checkpoint.read(parts.last)["state_dict"]
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    for kept in ("last", "model"):  # the weights, and their moving average
+        a, b = checkpoint.read(getattr(whole, kept))["state_dict"], checkpoint.read(getattr(parts, kept))["state_dict"]
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (kept, k)
 
 
 def test_checkpoint_loads_with_weights_only_and_carries_inference_settings(tiny_dataset):

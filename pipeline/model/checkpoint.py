@@ -13,7 +13,7 @@ from pipeline.charset import Charset
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_write
 from pipeline.model import ARCHS, build_model
-from pipeline.read.preprocess import Preprocess
+from pipeline.model.preprocess import Preprocess
 
 FORMAT = 1
 REQUIRED = ("arch", "settings", "charset", "max_length", "preprocess", "state_dict")

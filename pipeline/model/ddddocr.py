@@ -38,7 +38,7 @@ class Settings(InputSettings):
     hidden: int  # BiLSTM hidden size; 512 to load ddddocr's weights
     dropout: float  # before the output layer
 
-    # ddddocr's own preprocessing: pixels in [0, 1], Lanczos resampling (pipeline/read/preprocess.py)
+    # ddddocr's own preprocessing: pixels in [0, 1], Lanczos resampling (pipeline/model/preprocess.py)
     mean = 0.0
     std = 1.0
     resample = "lanczos"

@@ -12,6 +12,12 @@ CLASS_ROWS = "classifier"  # CTC models' output layer: one row per class (blank 
 POSITION_ROWS = "heads"  # multihead's: rows are position x class; kept only for the same charset
 
 
+def is_output_layer(parameter_name: str) -> bool:
+    """Whether a parameter belongs to the output layer, whose rows are the classes."""
+    parts = parameter_name.split(".")
+    return len(parts) > 1 and parts[-2] in (CLASS_ROWS, POSITION_ROWS)
+
+
 def carry_weights(model: nn.Module, state: dict, old_chars, new_chars: str, source: str,
                   lower_rows: bool = False) -> list[str]:
     """Load `state` (trained with `old_chars`, a string or a list of characters) into `model`

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from pipeline.charset import Charset, fold_text
-from pipeline.model.device import autocast
+from pipeline.device import autocast
 from pipeline.read.decode import decode
 
 CPU = torch.device("cpu")

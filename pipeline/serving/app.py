@@ -26,7 +26,7 @@ from werkzeug.exceptions import HTTPException
 from pipeline.data.images import ImageError, load_pixels, open_image
 from pipeline.errors import PipelineError
 from pipeline.read.recognizer import Recognizer
-from pipeline.serving.keep import AlreadyJudged, Keeper, UnknownId
+from pipeline.serving.feedback import AlreadyJudged, Keeper, UnknownId
 from pipeline.serving.live_model import LiveModel
 
 log = logging.getLogger("captcha-crnn.serve")

@@ -22,10 +22,10 @@ from pipeline.data.images import load_image
 from pipeline.data.labelled_folders import list_folder
 from pipeline.data.shards import ShardStream, iter_tar, loader_workers, make_loader
 from pipeline.data.sources import load_sources, require_shards
+from pipeline.device import pick_device, pick_precision
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_write, check_writable, file_sha256, write_json
 from pipeline.model import checkpoint
-from pipeline.model.device import pick_device, pick_precision
 from pipeline.params import Params, load_params
 from pipeline.read.inference import predict_batches
 from pipeline.read.metrics import align, compute_metrics

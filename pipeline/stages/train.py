@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -31,17 +32,19 @@ from pipeline.charset import Charset
 from pipeline.cli import command, params_option, quiet_option, run
 from pipeline.data.shards import UNLABELLED, ShardStream, loader_workers, make_loader
 from pipeline.data.sources import load_sources, require_shards, shards_of
+from pipeline.device import autocast, pick_device, pick_precision
 from pipeline.errors import ParamsError, PipelineError
 from pipeline.files import check_writable, write_json, write_text
 from pipeline.model import build_model, checkpoint
 from pipeline.model.ddddocr import PACKAGED_TRUNK
-from pipeline.model.device import autocast, pick_device, pick_precision
+from pipeline.model.preprocess import Preprocess
 from pipeline.model.settings import checked
 from pipeline.model.transfer import carry_weights, from_packaged_trunk
 from pipeline.params import Params, TrainParams, load_params
 from pipeline.read.inference import predict_batches
-from pipeline.read.preprocess import Preprocess
-from pipeline.read.pseudo import confidence_threshold, write_pseudo_shard
+from pipeline.training.augment import Augment
+from pipeline.training.self_training import SelfTraining, check_self_training
+from pipeline.training.weights import PretrainedAnchor, WeightAverage, parameter_groups
 
 
 @dataclass(frozen=True)
@@ -100,15 +103,9 @@ def sequence_loss(logits: torch.Tensor, targets: torch.Tensor, lengths: torch.Te
     return F.nll_loss(log_probs.flatten(0, 1), padded.flatten())
 
 
-def make_optimizer(model: nn.Module, tp: TrainParams) -> torch.optim.Optimizer:
-    """AdamW; biases and norm weights (1-d parameters) without weight decay."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if not p.requires_grad:  # train.freeze
-            continue
-        (no_decay if p.ndim == 1 else decay).append(p)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": tp.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=tp.lr)
+def make_optimizer(model: nn.Module, tp: TrainParams, anchor: PretrainedAnchor | None) -> torch.optim.Optimizer:
+    """AdamW over the groups of `parameter_groups` (train.trunk_lr; no decay for 1-d or anchored weights)."""
+    return torch.optim.AdamW(parameter_groups(model, tp.weight_decay, tp.trunk_lr, anchor), lr=tp.lr)
 
 
 def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
@@ -153,8 +150,14 @@ class Run:
                                                  "first_step_s": 0.0})
     train_shards: list[str] = field(default_factory=list)  # the labelled ones, as train.sources repeats them
     n_labelled: int = 0  # samples per epoch in train_shards
-    unlabelled_shards: list[str] = field(default_factory=list)  # for train.pseudo_rounds
-    pseudo: list[dict] = field(default_factory=list)  # one entry per self-training round
+    self_training: SelfTraining | None = None  # train.pseudo_rounds
+    average: WeightAverage | None = None  # train.ema
+    anchor: PretrainedAnchor | None = None  # train.l2sp
+
+    @property
+    def reader(self) -> nn.Module:
+        """The weights that val reads and models/model.pt keeps: the average where there is one."""
+        return self.average.model if self.average else self.model
 
 
 def build(params: Params, paths: Paths) -> nn.Module:
@@ -211,10 +214,11 @@ def set_up(params: Params, ranks: Ranks, paths: Paths) -> Run:
     train_shards, val_shards = require_shards(sources, "train", "train"), shards_of(sources, "val")
     unlabelled_shards = [shard for shard, _ in shards_of(sources, UNLABELLED)]
     if tp.pseudo_rounds:
-        check_self_training(tp, ranks, val_shards, unlabelled_shards)
+        check_self_training(tp, ranks.world, val_shards, unlabelled_shards)
     n_train = sum(n for _, n in train_shards)
     total_steps = tp.epochs * math.ceil(n_train / (ranks.world * tp.batch_size))
-    optimizer = make_optimizer(model, tp)
+    anchor = PretrainedAnchor(model, tp.l2sp) if tp.l2sp else None
+    optimizer = make_optimizer(model, tp, anchor)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     state = resume_state(params, paths, model, optimizer, ranks) if tp.resume and paths.last.exists() else None
 
@@ -224,8 +228,10 @@ def set_up(params: Params, ranks: Ranks, paths: Paths) -> Run:
     if tp.compile:
         net = torch.compile(net)
 
+    augment = Augment.of(tp)
+
     def train_transform(png, label, augment_rng):
-        return preprocess(png, augment_rng, tp.augment), charset.encode(label)
+        return preprocess(png, augment.draw(augment_rng)), charset.encode(label)
 
     def val_transform(png, label, augment_rng):
         return preprocess(png), charset.encode(label)
@@ -241,7 +247,14 @@ def set_up(params: Params, ranks: Ranks, paths: Paths) -> Run:
                                                         every_rank=False))
     run = Run(params, ranks, device, precision, charset, model, net, optimizer, scaler, train_stream,
               train_loader, val_loader, workers, n_train, total_steps,
-              train_shards=[s for s, _ in train_shards], n_labelled=n_train, unlabelled_shards=unlabelled_shards)
+              train_shards=[s for s, _ in train_shards], n_labelled=n_train)
+    run.anchor = anchor
+    if tp.ema:
+        run.average = WeightAverage(model, tp.ema)
+        if state is not None and "average" in state:
+            run.average.load_state_dict(state.pop("average"))
+    if tp.pseudo_rounds:
+        run.self_training = SelfTraining(tp, unlabelled_shards, Path(tempfile.mkdtemp(prefix="pseudo-")))
     if state is not None:
         run.state = {"time_driven": False, "first_step_s": 0.0, **state}
     return run
@@ -258,7 +271,7 @@ def resume_state(params: Params, paths: Paths, model: nn.Module, optimizer, rank
     torch.set_rng_state(last["rng"])
     if ranks.main:
         print(f"resuming after epoch {last['state']['epoch']} from {paths.last}", file=sys.stderr)
-    return last["state"]
+    return last["state"] | ({"average": last["average"]} if "average" in last else {})
 
 
 def run_epoch(run: Run, epoch: int, progress: bool) -> dict:
@@ -297,9 +310,13 @@ def run_epoch(run: Run, epoch: int, progress: bool) -> dict:
                     done = max(done, elapsed / budget)
             lr = lr_at(done, tp.lr, tp.warmup)
             for group in run.optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group["lr_scale"]
             loss = train_step(run.net, run.optimizer, run.scaler, batch_images, targets, lengths, device=run.device,
                               precision=run.precision, ctc=run.params.model.ctc, grad_clip=tp.grad_clip)
+            if run.anchor:
+                run.anchor.pull(run.model, lr)
+            if run.average:
+                run.average.update(run.model)
             state["step"] += 1
             batches += 1
             loss_sum += loss.item()
@@ -321,7 +338,7 @@ def val_readings(run: Run) -> list[tuple[str, str, float]]:
     if run.val_loader is None:
         return []
     return [(truth, pred, conf) for truth, pred, conf, _key in predict_batches(
-        run.model, run.val_loader, run.device, run.precision, run.charset, run.params.model.ctc)]
+        run.reader, run.val_loader, run.device, run.precision, run.charset, run.params.model.ctc)]
 
 
 def val_accuracy(readings: list[tuple[str, str, float]], ranks: Ranks) -> float:
@@ -331,72 +348,34 @@ def val_accuracy(readings: list[tuple[str, str, float]], ranks: Ranks) -> float:
     return correct / total if total else 0.0
 
 
-# ---------------------------------------------------------------------------------------------
-# self-training (train.pseudo_rounds): after each of the rounds, spread evenly over the run, the
-# model reads the unlabelled samples; the readings confident enough (on val) join the training set
-
-
-def check_self_training(tp: TrainParams, ranks: Ranks, val_shards, unlabelled_shards) -> None:
-    if not unlabelled_shards:
-        raise ParamsError("train.pseudo_rounds: the sources hold no unlabelled samples (ingest them with "
-                          "ingest.unlabelled: true)")
-    if not val_shards:
-        raise ParamsError("train.pseudo_rounds: needs a val split to choose the confidence threshold on")
-    if ranks.world > 1 or tp.resume:
-        raise ParamsError("train.pseudo_rounds: runs in one process and from the start (not under torchrun, "
-                          "not with train.resume)")
-
-
-def pseudo_round_due(run: Run) -> bool:
-    """Round k of n is due once the run is k/(n+1) of the way through its epochs or its time budget,
-    unless the budget left is under twice what the last round took: too little to train on it."""
-    tp, state = run.params.train, run.state
-    done = state["epoch"] / tp.epochs
-    if tp.max_minutes:
-        done = max(done, state["seconds"] / (tp.max_minutes * 60))
-        left = tp.max_minutes * 60 - state["seconds"]
-        if run.pseudo and left < 2 * run.pseudo[-1]["seconds"]:
-            return False
-    return len(run.pseudo) < tp.pseudo_rounds and done >= (len(run.pseudo) + 1) / (tp.pseudo_rounds + 1)
-
-
-def pseudo_round(run: Run, readings: list[tuple[str, str, float]], folder: Path) -> dict:
-    """Read the unlabelled samples, keep the confident readings as labels, train on them from now on."""
+def self_training_round(run: Run, readings: list[tuple[str, str, float]]) -> None:
+    """Label the unlabelled samples the model reads confidently; train on them from the next epoch."""
     tp = run.params.train
-    started = time.perf_counter()
-    threshold = confidence_threshold(readings, tp.pseudo_precision)
-    stream = ShardStream(run.unlabelled_shards, run.val_loader.dataset.transform, 256)
-    labels, total = {}, 0
-    for _truth, text, conf, key in predict_batches(run.model, make_loader(stream, 0), run.device, run.precision,
-                                                   run.charset, run.params.model.ctc):
-        total += 1
-        if text and conf >= threshold:
-            labels[key] = text
-    shard = folder / f"pseudo-{len(run.pseudo):02d}.tar"
-    kept = write_pseudo_shard(run.unlabelled_shards, labels, shard) if labels else 0
-    shards = run.train_shards + ([str(shard)] if kept else [])
+    shard, record = run.self_training.round(run.reader, readings, run.val_loader.dataset.transform, run.device,
+                                            run.precision, run.charset, run.params.model.ctc, run.state["epoch"])
+    shards = run.train_shards + ([str(shard)] if shard else [])
     run.train_stream.shards = shards  # read from the next epoch on, by the workers started then
-    run.train_loader = make_loader(run.train_stream, min(run.workers, len(shards)),
-                                   pin_memory=run.device.type == "cuda")
-    run.n_train = run.n_labelled + kept
+    run.train_loader = make_loader(run.train_stream, min(run.workers, len(shards)), pin_memory=run.device.type == "cuda")
+    run.n_train = run.n_labelled + record["pseudo_labels"]
     remaining = tp.epochs - run.state["epoch"]
     run.total_steps = run.state["step"] + remaining * math.ceil(run.n_train / tp.batch_size)
-    seconds = time.perf_counter() - started
-    run.state["seconds"] += seconds  # self-training spends the training budget
-    return {"round": len(run.pseudo) + 1, "after_epoch": run.state["epoch"], "threshold": round(threshold, 6),
-            "pseudo_labels": kept, "unlabelled": total, "seconds": round(seconds, 1)}
+    run.state["seconds"] += record["seconds"]  # self-training spends the training budget
+    print("self-training: {pseudo_labels} of {unlabelled} unlabelled captchas read at confidence >= "
+          "{threshold} join training ({seconds} s)".format(**record), file=sys.stderr)
 
 
 def save_checkpoints(run: Run, paths: Paths, epoch: int, val_acc: float, improved: bool) -> None:
     """models/model.pt when val improved; models/last.pt (with optimizer and progress) always."""
     params = run.params
     info = {"epoch": epoch, "val_seq_accuracy": val_acc, "train": dataclasses.asdict(params.train)}
-    model_fields = dict(model=run.model, arch=params.model.arch, settings=params.model.settings_dict(),
+    model_fields = dict(arch=params.model.arch, settings=params.model.settings_dict(),
                         charset=params.model_charset, max_length=params.label_max_length, info=info)
     if improved:
-        checkpoint.save(paths.model, checkpoint.contents(**model_fields))
+        checkpoint.save(paths.model, checkpoint.contents(run.reader, **model_fields))
+    resume = {"average": run.average.state_dict()} if run.average else {}
     checkpoint.save(paths.last, checkpoint.contents(
-        **model_fields, optimizer=run.optimizer.state_dict(), state=run.state, rng=torch.get_rng_state()))
+        run.model, **model_fields, optimizer=run.optimizer.state_dict(), state=run.state, rng=torch.get_rng_state(),
+        **resume))
     write_history(paths.history, run.state["history"])
 
 
@@ -409,7 +388,6 @@ def train(params: Params, paths: Paths = Paths(), on_epoch_end: Callable[[int], 
         check_writable(*{p.parent for p in (paths.model, paths.last, paths.history, paths.summary)})
     run = set_up(params, ranks, paths)
     state, stop_reason = run.state, "completed"
-    pseudo_folder = tempfile.TemporaryDirectory(prefix="pseudo-") if tp.pseudo_rounds else None
     for epoch in range(state["epoch"], tp.epochs):
         result = run_epoch(run, epoch, progress)
         readings = val_readings(run)
@@ -432,10 +410,8 @@ def train(params: Params, paths: Paths = Paths(), on_epoch_end: Callable[[int], 
             save_checkpoints(run, paths, epoch + 1, val_acc, improved)
         if on_epoch_end:
             on_epoch_end(epoch + 1)
-        if tp.pseudo_rounds and pseudo_round_due(run) and epoch + 1 < tp.epochs:
-            run.pseudo.append(pseudo_round(run, readings, Path(pseudo_folder.name)))
-            print("self-training: {pseudo_labels} of {unlabelled} unlabelled captchas read at confidence >= "
-                  "{threshold} join training ({seconds} s)".format(**run.pseudo[-1]), file=sys.stderr)
+        if run.self_training and run.self_training.due(state["epoch"], state["seconds"]):
+            self_training_round(run, readings)
         if tp.patience and epoch + 1 - state["best_epoch"] >= tp.patience:
             stop_reason = "patience"
             break
@@ -449,10 +425,10 @@ def train(params: Params, paths: Paths = Paths(), on_epoch_end: Callable[[int], 
         "images_per_second": round(state["images"] / state["seconds"], 1) if state["seconds"] else 0.0,
         "device": str(run.device), "precision": run.precision, "ranks": ranks.world, "loader_workers": run.workers,
         "parameters": sum(p.numel() for p in run.model.parameters()), "stopped": stop_reason,
-        "pseudo_rounds": run.pseudo,
+        "pseudo_rounds": run.self_training.rounds if run.self_training else [],
     }
-    if pseudo_folder is not None:
-        pseudo_folder.cleanup()
+    if run.self_training:
+        shutil.rmtree(run.self_training.folder, ignore_errors=True)
     if ranks.main:
         write_json(paths.summary, summary)
     if ranks.world > 1:

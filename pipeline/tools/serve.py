@@ -16,8 +16,8 @@ from pipeline.cli import command, model_option, onnx_option, run
 from pipeline.errors import PipelineError
 from pipeline.read.recognizer import Recognizer
 from pipeline.serving.app import Limits, create_app
+from pipeline.serving.feedback import Budget, Keeper, KeepLimits
 from pipeline.serving.http import listen, make_server
-from pipeline.serving.keep import Budget, Keeper, KeepLimits
 from pipeline.serving.live_model import LiveModel
 from pipeline.serving.supervisor import default_workers, supervise
 

@@ -8,12 +8,10 @@ input size (bilinear, with antialiasing when shrinking).
 """
 from __future__ import annotations
 
-import math
-import random
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from PIL import Image, ImageFilter
+from PIL import Image
 
 from pipeline.data.images import load_image
 
@@ -45,24 +43,19 @@ class Preprocess:
     def from_dict(cls, d: dict) -> "Preprocess":
         return cls(**d)
 
-    def __call__(self, image, rng: random.Random | None = None, augment: float = 0.0) -> np.ndarray:
-        """One image -> (channels, height, width) float32, normalised."""
+    def __call__(self, image, distortion=None) -> np.ndarray:
+        """One image -> (channels, height, width) float32, normalised. `distortion` (training only,
+        pipeline/training/augment.py) distorts it around the resize."""
         pil = to_model_mode(load_image(image), self.channels)
         box = None
-        distort = rng is not None and augment > 0 and rng.random() < augment
-        if distort:
-            pil = _random_slant(pil, rng)
-            box = _random_crop(pil.size, rng)
+        if distortion is not None:
+            pil, box = distortion.before_resize(pil)
         width = self.width
         if self.keep_aspect:  # the height fixed, the width as the aspect ratio gives, up to self.width
             w, h = (box[2] - box[0], box[3] - box[1]) if box else pil.size
             width = max(1, min(self.width, round(w * self.height / h)))
         pil = pil.resize((width, self.height), RESAMPLE[self.resample], box=box)
-        if distort and rng.random() < 0.3:
-            pil = pil.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.8)))
-        arr = np.asarray(pil, dtype=np.float32)
-        if distort:
-            arr = _random_tone(arr, rng)
+        arr = distortion.after_resize(pil) if distortion is not None else np.asarray(pil, dtype=np.float32)
         arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
         if width < self.width:  # pad on the right with the last column: no edge the model could read
             arr = np.pad(arr, ((0, 0), (0, 0), (0, self.width - width)), mode="edge")
@@ -88,31 +81,3 @@ def to_model_mode(pil: Image.Image, channels: int) -> Image.Image:
         pil = Image.alpha_composite(background, pil.convert("RGBA"))
     target = "L" if channels == 1 else "RGB"
     return pil if pil.mode == target else pil.convert(target)
-
-
-def _random_slant(pil: Image.Image, rng: random.Random) -> Image.Image:
-    """A small random rotation (up to 5 degrees) and shear about the centre; the corners it
-    uncovers take the colour of the top-left pixel, the likeliest background."""
-    angle, shear = math.radians(rng.uniform(-5, 5)), rng.uniform(-0.3, 0.3)
-    cos, sin = math.cos(angle), math.sin(angle)
-    a, b, d, e = cos, cos * shear - sin, sin, sin * shear + cos  # output -> input: rotation x shear
-    cx, cy = pil.width / 2, pil.height / 2
-    return pil.transform(pil.size, Image.Transform.AFFINE, (a, b, cx - a * cx - b * cy, d, e, cy - d * cx - e * cy),
-                         Image.Resampling.BILINEAR, fillcolor=pil.getpixel((0, 0)))
-
-
-def _random_tone(arr: np.ndarray, rng: random.Random) -> np.ndarray:
-    """Contrast and brightness jitter, and pixel noise half the time (0-255 scale)."""
-    mean = float(arr.mean())
-    arr = (arr - mean) * rng.uniform(0.6, 1.3) + mean + rng.uniform(-25, 25)
-    if rng.random() < 0.5:
-        arr = arr + np.random.default_rng(rng.getrandbits(64)).normal(0, rng.uniform(2, 10), arr.shape)
-    return np.clip(arr, 0, 255).astype(np.float32)
-
-
-def _random_crop(size: tuple[int, int], rng: random.Random, most: float = 0.08) -> tuple[float, ...]:
-    """A box cutting up to `most` of the width/height off each side: a small random zoom and shift."""
-    w, h = size
-    left, right = rng.uniform(0, most) * w, rng.uniform(0, most) * w
-    top, bottom = rng.uniform(0, most) * h, rng.uniform(0, most) * h
-    return (left, top, w - right, h - bottom)

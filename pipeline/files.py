@@ -64,7 +64,7 @@ def check_writable(*folders: Path) -> None:
 
 
 def write_json(path: Path, obj) -> None:
-    text = json.dumps(obj, indent=2, sort_keys=False) + "\n"
+    text = json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n"  # strict JSON: no NaN, no Infinity
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 

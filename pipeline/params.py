@@ -245,6 +245,7 @@ class TrainParams:
     freeze: list[str]  # parameter-name prefixes kept as loaded (e.g. the trunk's early convs)
     pseudo_rounds: int  # rounds of self-training on the sources' unlabelled samples; 0: none
     pseudo_precision: float  # pseudo-labels are the readings at least this often right on val
+    consistency: float  # weight of the loss on unlabelled captchas' strong views (FixMatch); 0: none
     sources: dict[str, int]  # manifest -> repeats of its training shards per epoch
 
     def check(self, prefix: str) -> None:
@@ -266,6 +267,7 @@ class TrainParams:
         for name in ("weight_decay", "grad_clip", "max_minutes", "patience"):
             require(getattr(self, name) >= 0, f"{prefix}.{name}", f"must be >= 0, got {getattr(self, name)}")
         require(self.pseudo_rounds >= 0, f"{prefix}.pseudo_rounds", f"must be >= 0, got {self.pseudo_rounds}")
+        require(self.consistency >= 0, f"{prefix}.consistency", f"must be >= 0, got {self.consistency}")
         require(0 < self.pseudo_precision <= 1, f"{prefix}.pseudo_precision",
                 f"must be in (0, 1], got {self.pseudo_precision}")
         require(bool(self.sources), f"{prefix}.sources", "name at least one manifest, e.g. {data/manifest.parquet: 1}")

@@ -74,6 +74,32 @@ def tiny_dataset(tmp_path_factory):
     return root
 
 
+def digits_site(folder: Path, labelled: int, unlabelled: int) -> Path:
+    """A site's captchas that ddddocr's trunk reads zero-shot: the yardstick's `digits` style, the
+    labelled ones named by their labels, the unlabelled ones by names the label pattern skips."""
+    from benchmarks.yardstick import render_style
+
+    folder.mkdir(parents=True)
+    for i, (label, png) in enumerate(render_style("digits", "train", labelled)):
+        (folder / f"{label}_{i}.png").write_bytes(png)
+    for i, (_label, png) in enumerate(render_style("digits", "unlabelled", unlabelled)):
+        (folder / f"_u{i}.png").write_bytes(png)
+    return folder
+
+
+def fine_tune_params(folder: Path, site: str, train: dict | None = None, **ingest) -> Path:
+    """params.yaml in `folder` for a fine-tune of ddddocr's trunk on `site` alone (the finetune
+    profile's route, narrowed for speed), with train and ingest settings on top."""
+    path = write_params(folder, {"model": {"arch": "ddddocr", "ddddocr": {"width": 128}},
+                                 "ingest": {"source": site, "case": "upper", "max_length": 6,
+                                            "fractions": {"train": 0.7, "val": 0.3, "test": 0.0}, **ingest},
+                                 "train": {"init_from": "ddddocr", "batch_size": 16, "lr": 3.0e-4, **(train or {})}})
+    raw = read_yaml(path)
+    raw["train"]["sources"] = {"data/ingest/manifest.parquet": 1}  # the site's captchas alone
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
 @pytest.fixture
 def tiny_copy(tiny_dataset, tmp_path, monkeypatch):
     """A writable copy of the tiny dataset folder, as the working directory."""

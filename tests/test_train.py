@@ -18,7 +18,8 @@ from pipeline.model import ARCHS, build_model, checkpoint, output_steps, steps_n
 from pipeline.model.preprocess import Preprocess
 from pipeline.params import load_params
 from pipeline.read.decode import greedy_decode
-from pipeline.stages.train import Paths, sequence_loss, train
+from pipeline.stages.train import Paths, train
+from pipeline.training.losses import sequence_loss
 from tests.conftest import REPO, default_params, write_params
 
 CHARSET = Charset("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ")

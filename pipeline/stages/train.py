@@ -22,7 +22,6 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.algorithms.join import Join
 from tqdm import tqdm
@@ -43,7 +42,9 @@ from pipeline.model.transfer import carry_weights, from_packaged_trunk
 from pipeline.params import Params, TrainParams, load_params
 from pipeline.read.inference import predict_batches
 from pipeline.training.augment import Augment
-from pipeline.training.self_training import SelfTraining, check_self_training
+from pipeline.training.consistency import Consistency, check_consistency
+from pipeline.training.losses import sequence_loss
+from pipeline.training.self_training import SelfTraining, check_self_training, finite_or_none
 from pipeline.training.weights import PretrainedAnchor, WeightAverage, parameter_groups
 
 
@@ -90,19 +91,6 @@ def lr_at(progress: float, peak: float, warmup: float) -> float:
     return peak / 1000 + (peak - peak / 1000) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def sequence_loss(logits: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor, ctc: bool) -> torch.Tensor:
-    log_probs = logits.float().log_softmax(-1)
-    if ctc:
-        steps = torch.full((logits.shape[0],), logits.shape[1], dtype=torch.long)
-        return F.ctc_loss(log_probs.transpose(0, 1), targets, steps, lengths.cpu(), blank=0,
-                          reduction="mean", zero_infinity=True)
-    # fixed positions: pad each label with class 0 ("no character") up to the model's length
-    padded = torch.zeros(logits.shape[:2], dtype=torch.long, device=logits.device)
-    positions = torch.arange(logits.shape[1], device=logits.device)[None, :] < lengths.to(logits.device)[:, None]
-    padded[positions] = targets.to(logits.device)
-    return F.nll_loss(log_probs.flatten(0, 1), padded.flatten())
-
-
 def make_optimizer(model: nn.Module, tp: TrainParams, anchor: PretrainedAnchor | None) -> torch.optim.Optimizer:
     """AdamW over the groups of `parameter_groups` (train.trunk_lr; no decay for 1-d or anchored weights)."""
     return torch.optim.AdamW(parameter_groups(model, tp.weight_decay, tp.trunk_lr, anchor), lr=tp.lr)
@@ -110,12 +98,17 @@ def make_optimizer(model: nn.Module, tp: TrainParams, anchor: PretrainedAnchor |
 
 def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                images: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor, *, device: torch.device,
-               precision: str, ctc: bool, grad_clip: float) -> torch.Tensor:
-    """One optimizer step on one batch; returns the loss. `net` may wrap the model (DDP, compile)."""
+               precision: str, ctc: bool, grad_clip: float,
+               extra_loss: Callable[[], torch.Tensor | None] | None = None) -> torch.Tensor:
+    """One optimizer step on one batch; returns the loss. `net` may wrap the model (DDP, compile);
+    `extra_loss` adds a term (train.consistency's) to the labelled loss before the backward pass."""
     images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
     with autocast(device, precision):
         logits = net(images)
     loss = sequence_loss(logits, targets.to(device), lengths, ctc)
+    extra = extra_loss() if extra_loss else None
+    if extra is not None:
+        loss = loss + extra
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     if grad_clip:
@@ -151,6 +144,7 @@ class Run:
     train_shards: list[str] = field(default_factory=list)  # the labelled ones, as train.sources repeats them
     n_labelled: int = 0  # samples per epoch in train_shards
     self_training: SelfTraining | None = None  # train.pseudo_rounds
+    consistency: Consistency | None = None  # train.consistency
     average: WeightAverage | None = None  # train.ema
     anchor: PretrainedAnchor | None = None  # train.l2sp
 
@@ -215,6 +209,8 @@ def set_up(params: Params, ranks: Ranks, paths: Paths) -> Run:
     unlabelled_shards = [shard for shard, _ in shards_of(sources, UNLABELLED)]
     if tp.pseudo_rounds:
         check_self_training(tp, ranks.world, val_shards, unlabelled_shards)
+    if tp.consistency:
+        check_consistency(tp, ranks.world, val_shards, unlabelled_shards)
     n_train = sum(n for _, n in train_shards)
     total_steps = tp.epochs * math.ceil(n_train / (ranks.world * tp.batch_size))
     anchor = PretrainedAnchor(model, tp.l2sp) if tp.l2sp else None
@@ -253,6 +249,8 @@ def set_up(params: Params, ranks: Ranks, paths: Paths) -> Run:
         run.average = WeightAverage(model, tp.ema)
         if state is not None and "average" in state:
             run.average.load_state_dict(state.pop("average"))
+    if tp.consistency:
+        run.consistency = Consistency(tp, unlabelled_shards, preprocess, charset, mp.ctc, tp.workers)
     if tp.pseudo_rounds:
         run.self_training = SelfTraining(tp, unlabelled_shards, Path(tempfile.mkdtemp(prefix="pseudo-")))
     if state is not None:
@@ -311,8 +309,11 @@ def run_epoch(run: Run, epoch: int, progress: bool) -> dict:
             lr = lr_at(done, tp.lr, tp.warmup)
             for group in run.optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
+            extra = (lambda: run.consistency.loss(run.net, run.model, run.device, run.precision)) \
+                if run.consistency else None
             loss = train_step(run.net, run.optimizer, run.scaler, batch_images, targets, lengths, device=run.device,
-                              precision=run.precision, ctc=run.params.model.ctc, grad_clip=tp.grad_clip)
+                              precision=run.precision, ctc=run.params.model.ctc, grad_clip=tp.grad_clip,
+                              extra_loss=extra)
             if run.anchor:
                 run.anchor.pull(run.model, lr)
             if run.average:
@@ -392,6 +393,8 @@ def train(params: Params, paths: Paths = Paths(), on_epoch_end: Callable[[int], 
         result = run_epoch(run, epoch, progress)
         readings = val_readings(run)
         val_acc = val_accuracy(readings, ranks)
+        if run.consistency:
+            run.consistency.choose_threshold(readings)
         state["epoch"] = epoch + 1
         state["images"] += result["images"]
         state["seconds"] += result["seconds"]
@@ -426,6 +429,8 @@ def train(params: Params, paths: Paths = Paths(), on_epoch_end: Callable[[int], 
         "device": str(run.device), "precision": run.precision, "ranks": ranks.world, "loader_workers": run.workers,
         "parameters": sum(p.numel() for p in run.model.parameters()), "stopped": stop_reason,
         "pseudo_rounds": run.self_training.rounds if run.self_training else [],
+        "consistency": {"unlabelled_read": run.consistency.seen, "used_as_targets": run.consistency.used,
+                        "last_threshold": finite_or_none(run.consistency.threshold)} if run.consistency else {},
     }
     if run.self_training:
         shutil.rmtree(run.self_training.folder, ignore_errors=True)

@@ -55,6 +55,11 @@ def write_pseudo_shard(unlabelled_shards: list[str], labels: dict[str, str], pat
     return count
 
 
+def finite_or_none(threshold: float) -> float | None:
+    """A threshold as JSON holds it: None where no confidence is precise enough."""
+    return None if math.isinf(threshold) else round(threshold, 6)
+
+
 class SelfTraining:
     """The rounds of one run: when each is due, and what each adds."""
 
@@ -92,7 +97,7 @@ class SelfTraining:
                 labels[key] = text
         shard = self.folder / f"pseudo-{len(self.rounds):02d}.tar"
         kept = write_pseudo_shard(self.unlabelled_shards, labels, shard) if labels else 0
-        record = {"round": len(self.rounds) + 1, "after_epoch": epochs_done, "threshold": round(threshold, 6),
+        record = {"round": len(self.rounds) + 1, "after_epoch": epochs_done, "threshold": finite_or_none(threshold),
                   "pseudo_labels": kept, "unlabelled": total, "seconds": round(time.perf_counter() - started, 1)}
         self.rounds.append(record)
         return (shard if kept else None), record

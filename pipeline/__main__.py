@@ -3,9 +3,13 @@ beside its logic: the DVC stages in pipeline/stages/, the other commands in pipe
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 
-import click
+if sys.argv[1:2] == ["serve"]:  # SIGHUP means "reload" to serve: harmless from the first moment on
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+import click  # noqa: E402
 
 COMMANDS = {
     "generate": "pipeline.stages.generate", "ingest": "pipeline.stages.ingest", "train": "pipeline.stages.train",

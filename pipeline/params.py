@@ -120,6 +120,9 @@ def from_mapping(cls, mapping, prefix: str):
     return obj
 
 
+MAX_LABEL_LENGTH = 64  # the longest label any params may ask for (data.max_length, ingest.max_length)
+
+
 def _positive(obj, prefix: str, *names: str) -> None:
     for name in names:
         require(getattr(obj, name) > 0, f"{prefix}.{name}", f"must be positive, got {getattr(obj, name)!r}")
@@ -178,7 +181,8 @@ class DataParams:
         bad = [c for c in self.charset if not c.isprintable() or c.isspace()]
         require(not bad, f"{prefix}.charset", f"whitespace or unprintable characters {bad!r}")
         _positive(self, prefix, "min_length", "max_length", "width", "height", "workers", "shard_size")
-        _at_most(self, prefix, 64, "max_length", "workers")
+        _at_most(self, prefix, MAX_LABEL_LENGTH, "max_length")
+        _at_most(self, prefix, 64, "workers")
         _at_most(self, prefix, 4096, "width", "height")
         _at_most(self, prefix, 10**6, "shard_size")
         require(self.min_length <= self.max_length, f"{prefix}.min_length",
@@ -335,7 +339,7 @@ class IngestParams:
     def check(self, prefix: str) -> None:
         _positive(self, prefix, "shard_size")
         _at_most(self, prefix, 10**6, "shard_size")
-        _at_most(self, prefix, 64, "max_length")
+        _at_most(self, prefix, MAX_LABEL_LENGTH, "max_length")
         _at_most(self, prefix, 4096, "max_height")
         require(self.max_length >= 0, f"{prefix}.max_length", f"must be >= 0, got {self.max_length}")
         bad = [c for c in self.extra_chars if not c.isprintable() or c.isspace()]

@@ -133,3 +133,33 @@ def test_predict_names_every_file_it_cannot_read_and_never_hangs(tiny_copy):
         assert "not a regular file" in lines["fifo.png"]["error"] and "not a regular file" in lines["zero.png"]["error"]
         assert "No such file" in lines["dangling.png"]["error"] and "symbolic links" in lines["loop.png"]["error"]
         assert "over the limit" in lines["huge.png"]["error"]
+
+
+def test_predict_holds_one_large_image_at_a_time(tiny_copy, tmp_path):
+    """Memory grows with the batch's model inputs, not with the images: 12 images of 4000x4000
+    pixels (16 MB each decoded) cost predict about what one costs."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from tests.conftest import REPO
+
+    big = tmp_path / "big"
+    big.mkdir()
+    for i in range(12):
+        Image.new("L", (4000, 4000), 255 - i).save(big / f"{i:02d}.png")
+
+    def peak_rss_mb(*paths) -> float:
+        # the high-water mark of this process image (ru_maxrss would start at the forking parent's)
+        code = ("import sys; from pipeline.__main__ import main; sys.argv = ['x', 'predict', *sys.argv[1:]];"
+                "\ntry: main()\nexcept SystemExit: pass"
+                "\nprint([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0], file=sys.stderr)")
+        result = subprocess.run([sys.executable, "-c", code, "--model", "models/model.pt", "--torch", *map(str, paths)],
+                                cwd=tiny_copy, env={**__import__("os").environ, "PYTHONPATH": str(REPO)},
+                                capture_output=True, text=True, timeout=300)
+        assert result.stdout.count("\n") == len(paths), result.stderr
+        return int(result.stderr.strip().splitlines()[-1]) / 1024
+
+    one, twelve = peak_rss_mb(big / "00.png"), peak_rss_mb(*sorted(big.iterdir()))
+    assert twelve - one < 60, (one, twelve)

@@ -279,3 +279,74 @@ def test_a_plain_csv_giving_one_path_two_labels_or_nothing_is_refused(workdir):
     with pytest.raises(PipelineError, match="labels no image of .*left as it was"):
         ingest(params.data, params.ingest, source=folder)
     assert sorted(p.read_bytes() for p in (workdir / "data/ingest").rglob("*.tar")) == before
+
+
+def test_a_failing_ingest_leaves_the_previous_one_untouched(workdir, monkeypatch):
+    """A file named in bytes that are not UTF-8 is one invalid file, found before anything is
+    written; and a failure while writing (a full disk) leaves the last ingest's shards and manifest
+    as they were, since the new ones are swapped in only once complete."""
+    import os
+
+    from pipeline.stages import ingest as ingest_stage
+
+    folder = workdir / "captchas"
+    folder.mkdir()
+    for i, label in enumerate(["AB12", "CD34", "EF56"]):
+        (folder / f"{label}_{i}.png").write_bytes(encode(label, i))
+    params = load_params("params.yaml")
+    ingest(params.data, params.ingest, source=folder)
+
+    def snapshot():
+        return {p: p.read_bytes() for p in sorted((workdir / "data/ingest").rglob("*")) if p.is_file()}
+
+    before = snapshot()
+    with open(os.path.join(os.fsencode(folder), b"GH78_\xff.png"), "wb") as f:
+        f.write(encode("GH78", 9))
+    result = CliRunner().invoke(cli, ["ingest", "captchas"])
+    assert result.exit_code == 2 and "1 invalid" in result.output
+    report = json.loads((workdir / "reports/ingest.invalid.json").read_text())
+    assert report["invalid"] == [{"file": "GH78_\\xff.png", "reason": "file name is not UTF-8; rename it"}]
+    assert snapshot() == before
+    (folder / "IJ90_4.png").write_bytes(encode("IJ90", 4))
+
+    def full_disk(*args, **kwargs):
+        raise PipelineError("data/ingest/manifest.parquet: cannot write (No space left on device)")
+
+    monkeypatch.setattr(ingest_stage, "write_manifest", full_disk)
+    with pytest.raises(PipelineError, match="No space left"):
+        ingest(params.data, params.ingest, source=folder, skip_invalid=True)
+    assert snapshot() == before
+    assert not [p for p in (workdir / "data").iterdir() if p.name.startswith(".ingest.new")]
+
+
+def test_ingest_reads_every_path_the_label_page_writes(tiny_copy, tiny_dataset):
+    """Names with leading spaces or backslashes are kept exactly as the page wrote them."""
+    from pipeline.tools.label import create_app, open_session
+
+    folder = tiny_copy / "site"
+    folder.mkdir()
+    names = {" lead.png": "AB12", "a\\b.png": "CD34", "plain.png": "EF56"}
+    for i, (name, label) in enumerate(names.items()):
+        (folder / name).write_bytes(encode(label, i))
+    page = create_app(open_session(folder, tiny_dataset / "models/model.pt", None, who="t")).test_client()
+    for name, label in names.items():
+        assert page.post("/api/answer", json={"path": name, "label": label}).status_code == 200
+    write_params(tiny_copy, {"ingest": {"source": "site", "labels": "site/labels.csv"}})
+    params = load_params("params.yaml")
+    report = ingest(params.data, params.ingest)
+    assert report["invalid"] == [] and report["kept"] == 3
+    originals = {row["original"]: row["label"] for row in pq.read_table("data/ingest/manifest.parquet").to_pylist()}
+    assert originals == names
+
+
+def test_a_second_ingest_while_one_runs_says_so(workdir):
+    from pipeline.files import folder_lock
+
+    folder = workdir / "captchas"
+    folder.mkdir()
+    (folder / "AB12_0.png").write_bytes(encode("AB12", 0))
+    params = load_params("params.yaml")
+    with folder_lock(Path(params.ingest.out), exclusive=True):  # the other ingest, writing
+        with pytest.raises(PipelineError, match="data/ingest: another run is writing it; wait for it to end"):
+            ingest(params.data, params.ingest, source=folder)
+    ingest(params.data, params.ingest, source=folder)

@@ -222,3 +222,18 @@ def test_allowed_and_case_per_request_as_predict_has_them(client, recognizer):
                            ("?lang=en", "unknown query key 'lang'")):
         r = post(client, image, query=query)
         assert r.status_code == 400 and message in r.json["error"], query
+
+
+def test_a_photo_is_read_the_way_up_its_exif_says():
+    """A phone stores a photo taken on its side with its pixels turned and an EXIF orientation."""
+    from pipeline.data.images import decode_image
+
+    upright = Image.new("L", (60, 20), 255)
+    upright.paste(0, (0, 0, 10, 20))  # a dark bar at the left
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # as the camera wrote the pixels: 20 x 60
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to view"
+    buffer = io.BytesIO()
+    stored.save(buffer, "JPEG", exif=exif.tobytes(), quality=95)
+    image = decode_image(buffer.getvalue())
+    assert image.size == (60, 20) and image.getpixel((2, 10)) < 60 and image.getpixel((55, 10)) > 200

@@ -10,12 +10,15 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
-# The image formats that ingest, predict and serve accept (detected from content, not name).
-FORMATS = {"PNG", "JPEG", "GIF", "BMP", "WEBP"}
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp"}
+# The image formats that ingest, predict and serve accept (detected from content, not name), and the
+# suffix a file of each is written with (serve --keep); folders are read by these and .jpeg.
+SUFFIXES = {"PNG": ".png", "JPEG": ".jpg", "GIF": ".gif", "BMP": ".bmp", "WEBP": ".webp"}
+FORMATS = set(SUFFIXES)
+IMAGE_SUFFIXES = {*SUFFIXES.values(), ".jpeg"}
 MAX_FILE_BYTES = 16 * 2**20  # an image file larger than this is refused before it is read
+EXIF_ORIENTATION = 0x0112
 
 
 class ImageError(ValueError):
@@ -48,9 +51,12 @@ def open_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
 
 
 def load_pixels(image: Image.Image) -> Image.Image:
-    """Decode an `open_image` result now: truncated files fail here, not later."""
+    """Decode an `open_image` result now: truncated files fail here, not later. A photo's EXIF
+    orientation is applied (a phone turned on its side stores its pixels turned)."""
     try:
         image.load()
+        if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+            image = ImageOps.exif_transpose(image)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ImageError("corrupt", f"truncated or corrupt image ({e})") from None
     return image

@@ -11,10 +11,12 @@ several serve processes can share one file.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import fcntl
 import io
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +24,13 @@ from pathlib import Path
 from pipeline.errors import PipelineError
 
 COLUMNS = ["path", "label", "status", "who", "when", "model_text", "model_confidence"]
+REQUIRED = ("path", "label", "status")  # a CSV with these columns is read as a labels log
 STATUSES = ("labelled", "auto", "unreadable", "site-accepted", "site-rejected")
 SITE_ACCEPTED, SITE_REJECTED = "site-accepted", "site-rejected"
+LABELLING = ("labelled", "auto", SITE_ACCEPTED)  # the statuses whose label is one
+# serve --keep names each kept captcha by its id: the time in nanoseconds, then 64 random bits
+KEPT_ID = re.compile(r"[0-9a-f]{32}")
+KEPT_NAME = re.compile(KEPT_ID.pattern + r"\.[a-z]+")
 
 
 @dataclass
@@ -35,16 +42,19 @@ class Answer:
 
 
 def read_answers(csv_path: Path) -> dict[str, Answer]:
-    """Answers so far, the last row per path winning; a torn last line (a killed server) is ignored."""
+    """Answers so far, the last row per path winning, paths exactly as written. A row torn by a
+    killed writer (too few or too many fields) and a row of a status this version does not know
+    are skipped; columns beyond path, label and status are optional."""
     if not csv_path.exists():
         return {}
     answers = {}
     try:
-        with open(csv_path, newline="", encoding="utf-8") as f:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
             for row in csv.DictReader(f):
-                if None in row or any(row.get(c) is None for c in COLUMNS) or row["status"] not in STATUSES:
+                if None in row or any(row.get(c) is None for c in REQUIRED) or row["status"] not in STATUSES:
                     continue
-                answers[row["path"]] = Answer(row["label"], row["status"], row["who"], row["model_text"])
+                answers[row["path"]] = Answer(row["label"], row["status"], row.get("who") or "",
+                                              row.get("model_text") or "")
     except UnicodeDecodeError as e:
         raise PipelineError(f"{csv_path}: not UTF-8 text (byte {e.start}); not a labels CSV of this tool") from None
     except csv.Error as e:
@@ -54,7 +64,8 @@ def read_answers(csv_path: Path) -> dict[str, Answer]:
 
 class AnswerLog:
     """The labels CSV, append-only: one row per answer, on disk (flushed, fsynced) before the caller
-    hears back."""
+    hears back. A row is written whole or not at all: a write that fails (a full disk) is cut off
+    again, and a row torn by a killed writer is ended before the next row, so no two rows merge."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -62,13 +73,9 @@ class AnswerLog:
         with self._locked() as f:
             if f.tell() == 0:
                 self._write(f, ",".join(COLUMNS) + "\n")
-            else:
-                f.seek(f.tell() - 1)
-                if f.read(1) != b"\n":  # a row torn by a kill: end it, so the next one stands alone
-                    self._write(f, "\n")
 
     def _locked(self):
-        f = open(self.path, "a+b")
+        f = open(self.path, "a+b", buffering=0)  # unbuffered: nothing left in memory to land later
         try:
             fcntl.flock(f, fcntl.LOCK_EX)  # other processes (serve workers, the label page) wait
         except OSError:
@@ -79,13 +86,26 @@ class AnswerLog:
 
     @staticmethod
     def _write(f, text: str) -> None:
-        f.write(text.encode("utf-8"))
-        f.flush()
+        data = memoryview(text.encode("utf-8"))
+        while data:
+            data = data[os.write(f.fileno(), data):]
         os.fsync(f.fileno())
 
     def append(self, path: str, label: str, status: str, who: str, model_text: str, confidence: float) -> None:
         out = io.StringIO()
         csv.writer(out, lineterminator="\n").writerow([
             path, label, status, who, time.strftime("%Y-%m-%dT%H:%M:%S%z"), model_text, f"{confidence:.6f}"])
+        row = out.getvalue()
         with self._locked() as f:  # closing the file releases the lock
-            self._write(f, out.getvalue())
+            end = f.tell()
+            if end:
+                f.seek(end - 1)
+                if f.read(1) != b"\n":  # a row torn by a killed writer: end it, so this one stands alone
+                    row = "\n" + row
+            try:
+                self._write(f, row)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(f.fileno(), end)  # none of this row stays behind
+                    os.fsync(f.fileno())
+                raise

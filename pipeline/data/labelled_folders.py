@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.data.images import IMAGE_SUFFIXES
-from pipeline.data.label_log import SITE_REJECTED
+from pipeline.data.label_log import KEPT_NAME, LABELLING, REQUIRED, read_answers
 from pipeline.errors import PipelineError
 
 
@@ -18,17 +19,15 @@ from pipeline.errors import PipelineError
 class LabelsTable:
     labels: dict[str, str]  # path -> label
     left_out: set[str]  # marked unreadable
-    from_site: set[str]  # paths whose last row is a site's verdict (serve --keep may have dropped the file)
+    dropped_ok: set[str]  # paths whose file serve --keep's budget may have dropped since (kept captchas)
 
 
 def read_labels_file(path: Path) -> LabelsTable:
-    """CSV or TSV of path,label (a header row `path,label` is optional).
-
-    The labels CSV of `label` and `serve --keep` has more columns (pipeline/data/label_log.py):
-    rows whose status is `unreadable` are left out, `site-rejected` rows label nothing (the image
-    stays unlabelled), a later row for a path replaces an earlier one, and a row with fewer columns
-    than the header (torn by a killed server) is ignored. In a plain CSV a path listed twice with
-    two labels is refused.
+    """CSV or TSV of path,label (a header row `path,label` is optional), or the labels log that
+    `label` and `serve --keep` write (a header with a `status` column: pipeline/data/label_log.py's
+    reader, paths as written): there a later row for a path replaces an earlier one, `unreadable`
+    rows are left out and `site-rejected` rows label nothing (the image stays unlabelled). In a
+    plain CSV a path listed twice with two labels is refused.
     """
     try:
         text = path.read_text(encoding="utf-8-sig")
@@ -42,36 +41,41 @@ def read_labels_file(path: Path) -> LabelsTable:
     except csv.Error as e:  # e.g. a field over csv's size limit
         raise PipelineError(f"{path}: not a labels CSV ({e})") from None
     header = [c.strip().lower() for c in rows[0]] if rows else []
-    columns = {"path": 0, "label": 1}
-    if header[:2] == ["path", "label"] or {"path", "label"} <= set(header):
-        columns = {name: header.index(name) for name in ("path", "label", "status") if name in header}
-        rows = rows[1:]
-        start = 2
-    else:
-        start = 1
-    labels, left_out, first_line, from_site = {}, set(), {}, set()
+    if dialect == "excel" and set(REQUIRED) <= set(header):
+        answers = read_answers(path)
+        return LabelsTable(labels={p: a.label for p, a in answers.items() if a.status in LABELLING},
+                           left_out={p for p, a in answers.items() if a.status == "unreadable"},
+                           dropped_ok={p for p in answers if KEPT_NAME.fullmatch(p.rpartition("/")[2])})
+    start = 1
+    if header[:2] == ["path", "label"]:
+        rows, start = rows[1:], 2
+    labels, first_line = {}, {}
     for i, row in enumerate(rows, start):
         if not row:
             continue
         if len(row) < 2:
             raise PipelineError(f"{path}:{i}: expected path and label columns")
-        if len(header) > 2 and len(row) < len(header):
-            continue  # torn
-        name = row[columns["path"]].strip().replace("\\", "/")
-        status = row[columns["status"]].strip() if "status" in columns else ""
-        (from_site.add if status.startswith("site-") else from_site.discard)(name)
-        if status in ("unreadable", SITE_REJECTED):
-            labels.pop(name, None)
-            (left_out.add if status == "unreadable" else left_out.discard)(name)
-            continue
-        label = row[columns["label"]].strip()
-        if "status" not in columns and labels.get(name, label) != label:  # a plain CSV: no row corrects another
+        name, label = row[0].strip().replace("\\", "/"), row[1].strip()
+        if labels.get(name, label) != label:  # a plain CSV: no row corrects another
             raise PipelineError(f"{path}:{i}: {name} is labelled {label!r} here and {labels[name]!r} on line "
                                 f"{first_line[name]}; keep one")
         first_line.setdefault(name, i)
         labels[name] = label
-        left_out.discard(name)
-    return LabelsTable(labels, left_out, from_site)
+    return LabelsTable(labels, set(), set())
+
+
+def utf8_name(name: str) -> bool:
+    """Whether a file name decoded from the disk is UTF-8 (Python keeps other bytes as surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def shown_name(name: str) -> str:
+    """A file name as a report can show it: bytes that are not UTF-8 as \\xNN."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 @dataclass
@@ -81,7 +85,7 @@ class Listing:
     ignored: list[str] = field(default_factory=list)  # files that are not images by extension
     unlabelled: list[str] = field(default_factory=list)  # images the labels file does not list (yet)
     unreadable: list[str] = field(default_factory=list)  # images the labels file marks unreadable
-    dropped: list[str] = field(default_factory=list)  # judged by the site, since dropped by serve's --keep budget
+    dropped: list[str] = field(default_factory=list)  # kept captchas since dropped by serve's --keep budget
 
 
 def list_folder(folder: Path, pattern: str, labels_file: Path | None = None, what: str = "folder",
@@ -99,6 +103,9 @@ def list_folder(folder: Path, pattern: str, labels_file: Path | None = None, wha
     regex = re.compile(pattern)
     for path in files:
         rel = path.relative_to(folder).as_posix()
+        if not utf8_name(rel):  # no labels CSV or manifest could name it
+            listing.invalid.append({"file": shown_name(rel), "reason": "file name is not UTF-8; rename it"})
+            continue
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             if not (labels_file and path.resolve() == labels_file.resolve()):
                 listing.ignored.append(rel)
@@ -120,7 +127,7 @@ def list_folder(folder: Path, pattern: str, labels_file: Path | None = None, wha
         listing.labelled.append((rel, label))
     if table is not None:
         missing = set(table) - {rel for rel, _ in listing.labelled} - {x["file"] for x in listing.invalid}
-        listing.dropped = sorted(missing & listed.from_site)
+        listing.dropped = sorted(missing & listed.dropped_ok)
         listing.invalid += [{"file": f, "reason": "listed in the labels file but not found"}
-                            for f in sorted(missing - listed.from_site)]
+                            for f in sorted(missing - listed.dropped_ok)]
     return listing

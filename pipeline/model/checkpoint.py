@@ -6,7 +6,9 @@ import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from pipeline.charset import Charset
@@ -82,11 +84,41 @@ def model_from(ckpt: dict) -> nn.Module:
 
 
 def load(path: Path) -> Bundle:
+    """The checkpoint as a model ready to read: its recorded preprocessing checked, and one blank
+    image read through it (a model that cannot run, or answers other than finite numbers for
+    each class at each step, is refused here, in one line, never served)."""
     ckpt = read(path)
     try:
         model = model_from(ckpt).eval()
-    except (TypeError, RuntimeError, KeyError) as e:
-        raise PipelineError(f"{path}: weights do not fit the recorded model ({str(e).splitlines()[0][:200]})") from None
-    return Bundle(model=model, arch=ckpt["arch"], settings=ckpt["settings"],
-                  charset=Charset(ckpt["charset"]), max_length=ckpt["max_length"],
-                  preprocess=Preprocess.from_dict(ckpt["preprocess"]), info=ckpt.get("info", {}))
+    except (TypeError, RuntimeError, KeyError, ValueError) as e:
+        raise PipelineError(f"{path}: weights do not fit the recorded model ({first_line(e)})") from None
+    try:
+        preprocess = Preprocess.from_dict(ckpt["preprocess"])
+        charset = Charset(ckpt["charset"])
+    except ValueError as e:
+        raise PipelineError(f"{path}: {first_line(e)}") from None
+    bundle = Bundle(model=model, arch=ckpt["arch"], settings=ckpt["settings"], charset=charset,
+                    max_length=ckpt["max_length"], preprocess=preprocess, info=ckpt.get("info", {}))
+    with torch.inference_mode():
+        check_reads(lambda batch: bundle.model(torch.from_numpy(batch)).float().numpy(), bundle, path)
+    return bundle
+
+
+def check_reads(logits_of, bundle: Bundle, path: Path) -> None:
+    """Read one blank image with `logits_of` ((B, C, H, W) -> (B, T, classes)); PipelineError
+    unless it answers a finite score for every class at every step."""
+    blank = bundle.preprocess.batch([Image.new("L", (bundle.preprocess.width, bundle.preprocess.height), 255)])
+    try:
+        logits = np.asarray(logits_of(blank))
+    except Exception as e:  # noqa: BLE001 - whatever stops it, the model cannot serve
+        raise PipelineError(f"{path}: the model cannot read an image ({type(e).__name__}: {first_line(e)})") from None
+    classes = bundle.charset.num_classes
+    if logits.ndim != 3 or logits.shape[0] != 1 or logits.shape[2] != classes:
+        raise PipelineError(f"{path}: the model answers shape {logits.shape} for one image, expected (1, steps, {classes})")
+    if not np.isfinite(logits).all():
+        raise PipelineError(f"{path}: the model answers NaN or infinite scores (broken weights)")
+
+
+def first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__

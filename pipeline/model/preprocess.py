@@ -8,7 +8,8 @@ input size (bilinear, with antialiasing when shrinking).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 from PIL import Image
@@ -41,7 +42,35 @@ class Preprocess:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocess":
-        return cls(**d)
+        """The settings a checkpoint records, checked: ValueError names what is wrong."""
+        if not isinstance(d, dict):
+            raise ValueError(f"preprocess is {type(d).__name__}, not a mapping")
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown preprocess key {unknown[0]!r} (a checkpoint of a newer version?)")
+        try:
+            preprocess = cls(**d)
+        except TypeError as e:  # a required key missing
+            raise ValueError(f"preprocess: {e}") from None
+        preprocess.check()
+        return preprocess
+
+    def check(self) -> None:
+        def number(value) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        problems = [
+            (isinstance(self.height, int) and 1 <= self.height <= 1024, f"height {self.height!r} (1 to 1024)"),
+            (isinstance(self.width, int) and 1 <= self.width <= 4096, f"width {self.width!r} (1 to 4096)"),
+            (self.channels in (1, 3) and isinstance(self.channels, int), f"channels {self.channels!r} (1 or 3)"),
+            (number(self.mean), f"mean {self.mean!r}"),
+            (number(self.std) and self.std > 0, f"std {self.std!r}"),
+            (isinstance(self.keep_aspect, bool), f"keep_aspect {self.keep_aspect!r}"),
+            (self.resample in RESAMPLE, f"resample {self.resample!r} ({' or '.join(RESAMPLE)})"),
+        ]
+        bad = [what for ok, what in problems if not ok]
+        if bad:
+            raise ValueError(f"preprocess: bad {bad[0]}")
 
     def __call__(self, image, distortion=None) -> np.ndarray:
         """One image -> (channels, height, width) float32, normalised. `distortion` (training only,

@@ -1,6 +1,7 @@
 """Running a model: the one forward pass (`model_logits`), probabilities, decoded text."""
 from __future__ import annotations
 
+import math
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -43,8 +44,12 @@ def decode_texts(probs: np.ndarray, charset: Charset, ctc: bool, beam: int = 1,
         probs = probs * mask
         probs = probs / probs.sum(-1, keepdims=True)
     probs = charset.fold_case(probs, case)
+    # a model that answers NaN for some image (models that do for a blank one are never loaded) is
+    # trusted with nothing there: confidence 0, never a NaN in the JSON of predict or serve
+    finite = np.isfinite(probs).all(axis=(1, 2))
     texts = [(charset.decode(ids), conf) for ids, conf in decode(probs, beam, collapse_repeats=ctc)]
-    return [(fold_text(text, case), conf) for text, conf in texts]
+    return [(fold_text(text, case), conf if ok and math.isfinite(conf) else 0.0)
+            for (text, conf), ok in zip(texts, finite)]
 
 
 def predict_batches(model: nn.Module, batches: Iterable, device: torch.device, precision: str,

@@ -3,15 +3,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 import torch
 
 from pipeline import outputs
+from pipeline.data.images import load_image
 from pipeline.errors import PipelineError
 from pipeline.files import file_sha256
 from pipeline.model import checkpoint
 from pipeline.read.inference import decode_texts, model_probs, softmax
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,7 @@ class Recognizer:
         self.session = None
         if onnx:
             self.session = onnx_session(onnx_path, threads)
+            checkpoint.check_reads(lambda batch: self.session.run(None, {"images": batch})[0], self.bundle, onnx_path)
         elif threads:
             torch.set_num_threads(threads)
         self.backend = "onnxruntime" if self.session else "torch"
@@ -63,6 +68,34 @@ class Recognizer:
     def predict(self, images, beam: int = 1, allowed: str | None = None, case: str | None = None) -> list[Prediction]:
         """Images as paths, bytes, PIL images or numpy arrays (any mode, any size)."""
         return self.predict_arrays(self.preprocess.batch(list(images)), beam, allowed, case)
+
+    def read_each(self, sources: Iterable[T], load: Callable[[T], object] = load_image, batch_size: int = 64,
+                  beam: int = 1, allowed: str | None = None, case: str | None = None
+                  ) -> Iterator[tuple[T, Prediction | Exception]]:
+        """Each source's reading, or the error that stops it (OSError or ValueError from `load`,
+        which makes an image of a source), in input order. An image is preprocessed as soon as it
+        is loaded, so only one decoded image and one batch of model inputs are held at a time,
+        however large the images."""
+        batch: list[tuple[T, np.ndarray]] = []
+
+        def flush():
+            arrays = np.stack([a for _, a in batch])
+            yield from zip([s for s, _ in batch], self.predict_arrays(arrays, beam, allowed, case))
+            batch.clear()
+
+        for source in sources:
+            try:
+                array = self.preprocess(load(source))
+            except (OSError, ValueError) as e:
+                if batch:
+                    yield from flush()  # keep the input order
+                yield source, e
+                continue
+            batch.append((source, array))
+            if len(batch) >= batch_size:
+                yield from flush()
+        if batch:
+            yield from flush()
 
     def describe(self) -> dict:
         b = self.bundle

@@ -134,6 +134,37 @@ class InMemoryRequest(Request):
         return io.BytesIO()
 
 
+def json_body(req: Request):
+    """The request's JSON, or None when it is none: not JSON, not UTF-8, or nested past Python's
+    recursion limit ("[" * 1500 parses to a RecursionError, which is no server fault)."""
+    try:
+        return json.loads(req.get_data(cache=True))
+    except (ValueError, RecursionError):
+        return None
+
+
+def bearer_matches(header: str, token: str) -> bool:
+    """`Authorization: Bearer <token>`, the scheme in any case (RFC 9110), compared in constant time."""
+    scheme, _, given = header.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode("latin-1", "replace"),
+                                                              token.encode("latin-1", "replace"))
+
+
+def check_feedback_token(token: str | None) -> None:
+    """A token that could guard nothing (empty) or never match (not visible ASCII: a header arrives
+    as latin-1 bytes) is refused at start-up, as a short one is."""
+    if token is None:
+        return
+    if not token:
+        raise PipelineError("--feedback-token (or CAPTCHA_CRNN_FEEDBACK_TOKEN) is set but empty: unset it, "
+                            "or give at least 16 characters")
+    if not all(33 <= ord(c) <= 126 for c in token):
+        raise PipelineError("--feedback-token: visible ASCII characters only (no spaces, no accents): an HTTP "
+                            "header could never match it")
+    if len(token) < 16:
+        raise PipelineError("--feedback-token: at least 16 characters (it guards what training learns)")
+
+
 def read_metrics(path: Path, model_sha256: str) -> dict | None:
     """The evaluate stage's metrics, if they are this very model's (evaluate records its sha256)."""
     try:
@@ -240,20 +271,22 @@ def create_app(model: Recognizer | LiveModel, limits: Limits = Limits(), metrics
         if keeper:
             for result, blob, image in zip(results, blobs, images):
                 try:
-                    result["id"] = keeper.keep(blob, image.format, result["text"], result["confidence"],
-                                               recognizer.model_sha256)
+                    captcha_id = keeper.keep(blob, image.format, result["text"], result["confidence"],
+                                             recognizer.model_sha256)
                 except (OSError, PipelineError) as e:  # a full disk costs the id, not the answer
                     log.warning("--keep: %s", e)
+                    continue
+                if captcha_id is not None:  # None: larger than the whole budget, not kept
+                    result["id"] = captcha_id
         return results[0] if len(files) <= 1 else {"results": results}
 
     @app.post("/feedback")
     def feedback():
         if keeper is None:
             raise UploadError(404, "feedback needs serve --keep FOLDER")
-        if feedback_token is not None and not hmac.compare_digest(
-                request.headers.get("Authorization", "").encode(), f"Bearer {feedback_token}".encode()):
+        if feedback_token is not None and not bearer_matches(request.headers.get("Authorization", ""), feedback_token):
             raise UploadError(401, "feedback needs the header Authorization: Bearer <serve's --feedback-token>")
-        body = request.get_json(silent=True)
+        body = json_body(request)
         if not (isinstance(body, dict) and isinstance(body.get("id"), str) and isinstance(body.get("correct"), bool)):
             raise UploadError(400, 'expected JSON {"id": "<the id /predict gave>", "correct": true or false}')
         try:
@@ -262,6 +295,10 @@ def create_app(model: Recognizer | LiveModel, limits: Limits = Limits(), metrics
             raise UploadError(404, "unknown id: not one this server gave, or its captcha was dropped") from None
         except AlreadyJudged:
             raise UploadError(409, "this id has its verdict already") from None
+        except OSError as e:  # a full or read-only disk: nothing recorded, the verdict can come again
+            log.warning("--keep: a verdict not recorded: %s", e)
+            raise UploadError(503, "the verdict could not be written (disk full or read-only?); send it again "
+                                   "later") from None
         except ValueError as e:  # accepting an empty reading
             raise UploadError(400, str(e)) from None
         return {"id": body["id"], "status": status}

@@ -34,12 +34,46 @@ class JsonErrorTask(ErrorTask):
         self.write(body)
 
 
+LINGER_SECONDS = 2.0
+
+
 class GuardedChannel(HTTPChannel):
-    """A connection that remembers when its request in progress began arriving, and refuses an
-    oversized upload before the client sends it."""
+    """A connection that remembers when its request in progress began arriving, refuses an
+    oversized upload before the client sends it, and closes by lingering: once the answer is sent
+    it stops writing (FIN) and reads and discards what the client still sends, for up to
+    LINGER_SECONDS, before it closes. Closing with unread data pending would reset the connection,
+    and a client still uploading (a body refused on its announced length) would see "connection
+    reset" instead of the 413 that says why."""
 
     error_task_class = JsonErrorTask
     reading_since: float | None = None
+    lingering_since: float | None = None
+
+    def handle_close(self):
+        if self.lingering_since is None and self.connected and not self.total_outbufs_len:
+            try:
+                self.socket.shutdown(socket.SHUT_WR)
+                self.lingering_since = time.time()
+                return
+            except OSError:
+                pass
+        super().handle_close()
+
+    def readable(self):
+        return self.lingering_since is not None or super().readable()
+
+    def writable(self):
+        return self.lingering_since is None and super().writable()
+
+    def handle_read(self):
+        if self.lingering_since is None:
+            return super().handle_read()
+        try:
+            data = self.socket.recv(65536)
+        except OSError:
+            data = b""
+        if not data or time.time() - self.lingering_since > LINGER_SECONDS:
+            super().handle_close()
 
     def send_continue(self):
         """No `100 Continue` for a request already refused on its headers (an announced body over
@@ -89,6 +123,8 @@ class GuardedServer(TcpWSGIServer):
         for channel in list(self.active_channels.values()):
             if channel.reading_since is not None and channel.reading_since < cutoff:
                 channel.will_close = True
+            if channel.lingering_since is not None and channel.lingering_since < now - LINGER_SECONDS:
+                HTTPChannel.handle_close(channel)  # a client that neither sends nor closes
 
 
 def listen(host: str, port: int) -> socket.socket:

@@ -48,7 +48,11 @@ class LiveModel:
                 self.reload()
 
         threading.Thread(target=reloader, daemon=True, name="model-reloader").start()
-        signal.signal(signum, lambda *_: self._wanted.set())
+        signal.signal(signum, lambda *_: self.request_reload())
+
+    def request_reload(self) -> None:
+        """Have the reloader thread (`reload_on`) load the model file again."""
+        self._wanted.set()
 
     def health(self) -> dict:
         return {"model_sha256": self.current.model_sha256, "reloads": self.reloads,

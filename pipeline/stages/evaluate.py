@@ -106,18 +106,13 @@ def score_folder(model: Path, folder: Path, labels: Path | None, pattern: str, t
         raise PipelineError(f"{folder}: no labelled images to score")
     recognizer = Recognizer(model, onnx=False)
     truths, preds, confs = [], [], []
-    for start in range(0, len(listing.labelled), batch_size):
-        chunk = listing.labelled[start:start + batch_size]
-        images = []
-        for rel, _ in chunk:
-            try:
-                images.append(load_image(folder / rel))
-            except (OSError, ValueError) as e:
-                raise PipelineError(f"{folder / rel}: {e}") from None
-        for (_, label), prediction in zip(chunk, recognizer.predict(images, case=case)):
-            truths.append(fold_text(label, case))
-            preds.append(prediction.text)
-            confs.append(prediction.confidence)
+    for (rel, label), reading in recognizer.read_each(listing.labelled, lambda item: load_image(folder / item[0]),
+                                                      batch_size, case=case):
+        if isinstance(reading, Exception):
+            raise PipelineError(f"{folder / rel}: {reading}")
+        truths.append(fold_text(label, case))
+        preds.append(reading.text)
+        confs.append(reading.confidence)
     metrics = compute_metrics(truths, preds, confs, thresholds)
     metrics.update({"model": str(model), "model_sha256": recognizer.model_sha256, "folder": str(folder),
                     "left_out": {"invalid": len(listing.invalid), "unlabelled": len(listing.unlabelled),

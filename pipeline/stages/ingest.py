@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from pipeline.data.images import ImageError, decode_image, read_image_file
 from pipeline.data.labelled_folders import list_folder
 from pipeline.data.shards import UNLABELLED, Sample, scan_shards, shard_path, write_manifest, write_shard
 from pipeline.errors import PipelineError
-from pipeline.files import check_writable, write_json
+from pipeline.files import check_writable, folder_lock, write_json
 from pipeline.params import DataParams, IngestParams, load_params
 
 
@@ -194,24 +195,12 @@ def ingest(data: DataParams, ip: IngestParams, source: Path | None = None, label
     if labels is not None and not kept and not unlabelled:  # an empty labels CSV: keep the last ingest's shards
         raise PipelineError(f"{labels}: labels no image of {source} ({len(report.invalid)} invalid, "
                             f"{len(report.unlabelled)} not listed); the previous ingest is left as it was")
-    out = Path(ip.out)
-    root = out / "shards"
     splits: dict[str, list[Candidate]] = {"train": [], "val": [], "test": []}
     for c in kept:
         splits[assign_split(c.digest, ip.fractions)].append(c)
     if ip.unlabelled:
         splits[UNLABELLED] = unlabelled
-    if root.exists():
-        shutil.rmtree(root)
-    root.mkdir(parents=True)
-    jobs = []
-    for split, items in splits.items():
-        for index, start in enumerate(range(0, len(items), ip.shard_size)):
-            chunk = items[start:start + ip.shard_size]
-            write_shard(shard_path(root, split, index), (_sample(c, ip.max_height) for c in chunk))
-            jobs.append((str(shard_path(root, split, index)), split))
-    rows = scan_shards(jobs, workers=1)
-    write_manifest(rows, out / "manifest.parquet")
+    write_ingested(Path(ip.out), splits, ip)
     report.per_split = {k: len(v) for k, v in splits.items()}
     write_json(report_path, report.to_dict())
     print(f"ingested {len(kept)} images from {source}: " + ", ".join(f"{k} {v}" for k, v in report.per_split.items())
@@ -219,6 +208,36 @@ def ingest(data: DataParams, ip: IngestParams, source: Path | None = None, label
           + (f", {len(report.unlabelled)} not labelled yet" if report.unlabelled and not ip.unlabelled else ""),
           file=sys.stderr)
     return report.to_dict()
+
+
+def write_ingested(out: Path, splits: dict[str, list[Candidate]], ip: IngestParams) -> None:
+    """Shards and manifest, written in a folder of their own beside `out` and swapped in whole once
+    complete, under `out`'s lock: whatever fails before (a full disk, a kill), the previous ingest
+    stays as it was, and two ingests never interleave."""
+    with folder_lock(out, exclusive=True):
+        for stale in out.parent.glob(f".{out.name}.new-*"):  # left by killed runs: none can be running
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = out.parent / f".{out.name}.new-{os.getpid()}"
+        try:
+            jobs = []
+            for split, items in splits.items():
+                for index, start in enumerate(range(0, len(items), ip.shard_size)):
+                    path = shard_path(staging / "shards", split, index)
+                    write_shard(path, (_sample(c, ip.max_height) for c in items[start:start + ip.shard_size]))
+                    jobs.append((str(path), split))
+            rows = scan_shards(jobs, workers=1)
+            for row in rows:  # the manifest names the shards where they will be
+                row["shard"] = str(out / Path(row["shard"]).relative_to(staging))
+            write_manifest(rows, staging / "manifest.parquet")
+            if out.exists():
+                old = out.parent / f".{out.name}.new-{os.getpid()}-old"
+                os.replace(out, old)
+                os.replace(staging, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(staging, out)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _sample(c: Candidate, max_height: int = 0) -> Sample:

@@ -13,6 +13,7 @@ pre-filled.
 from __future__ import annotations
 
 import getpass
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +22,13 @@ import click
 from flask import Flask, abort, jsonify, request, send_file
 
 from pipeline.cli import command, model_option, run
-from pipeline.data.images import ImageError, decode_image, image_paths, read_image_file
+from pipeline.data.images import image_paths, load_image
 from pipeline.data.label_log import SITE_REJECTED, Answer, AnswerLog, read_answers
+from pipeline.data.labelled_folders import shown_name, utf8_name
 from pipeline.errors import PipelineError
+from pipeline.params import MAX_LABEL_LENGTH
 from pipeline.read.recognizer import Recognizer
+from pipeline.serving.app import json_body
 from pipeline.serving.http import listen
 
 PAGE = Path(__file__).with_name("label.html")
@@ -37,9 +41,6 @@ class Item:
     confidence: float
 
 
-MAX_LABEL = 64  # the longest label any params may ask for (ingest.max_length's bound)
-
-
 class UnknownImage(LookupError):
     """An answer for a path that is not one of the folder's images."""
 
@@ -48,24 +49,29 @@ class AlreadyAnswered(Exception):
     """A second answer for one image, without overwrite."""
 
 
+class Gone(LookupError):
+    """An image of the folder deleted since the page opened (serve --keep's budget drops the oldest)."""
+
+
 def list_images(folder: Path) -> list[str]:
     return [p.relative_to(folder).as_posix() for p in image_paths(folder)]
+
+
+def load_named(folder: Path, name: str):
+    """The image of a folder's file, named as a labels CSV can name it: in UTF-8."""
+    if not utf8_name(name):
+        raise ValueError("file name is not UTF-8; rename it")
+    return load_image(folder / name)
 
 
 def read_folder(folder: Path, recognizer: Recognizer, batch_size: int = 64) -> tuple[list[Item], list[dict]]:
     """The model's reading of every image, least confident first; and the files that cannot be read."""
     items, bad = [], []
-    names = list_images(folder)
-    for start in range(0, len(names), batch_size):
-        batch, images = [], []
-        for name in names[start:start + batch_size]:
-            try:
-                images.append(decode_image(read_image_file(folder / name)))
-                batch.append(name)
-            except (ImageError, OSError) as e:
-                bad.append({"path": name, "reason": str(e)})
-        for name, pred in zip(batch, recognizer.predict(images)):
-            items.append(Item(name, pred.text, pred.confidence))
+    for name, reading in recognizer.read_each(list_images(folder), lambda name: load_named(folder, name), batch_size):
+        if isinstance(reading, Exception):
+            bad.append({"path": shown_name(name), "reason": str(reading)})
+        else:
+            items.append(Item(name, reading.text, reading.confidence))
     items.sort(key=lambda it: (it.confidence, it.path))
     return items, bad
 
@@ -103,8 +109,9 @@ class Session:
             label = label.upper()
         if not label:
             raise PipelineError("empty label: type the characters, or mark the image unreadable")
-        if len(label) > MAX_LABEL:
-            raise PipelineError(f"label of {len(label):,} characters: at most {MAX_LABEL} (ingest.max_length's limit)")
+        if len(label) > MAX_LABEL_LENGTH:
+            raise PipelineError(f"label of {len(label):,} characters: at most {MAX_LABEL_LENGTH} "
+                                f"(ingest.max_length's limit)")
         unknown = "".join(dict.fromkeys(c for c in label if c not in self.charset))
         if unknown:
             raise PipelineError(f"characters not in the charset: {unknown!r} (charset: {self.charset})")
@@ -114,6 +121,8 @@ class Session:
         item = self.by_path.get(path)
         if item is None:
             raise UnknownImage(path)
+        if not self.present(item):
+            raise Gone(path)
         if status not in ("labelled", "unreadable"):
             raise PipelineError(f"status must be labelled or unreadable, got {status!r}")
         label = self.check_label(label) if status == "labelled" else ""
@@ -134,10 +143,13 @@ class Session:
                 "remaining": sum(it.path not in self.answers for it in self.items), "unreadable_files": len(self.bad),
                 "human": len(human), "agreement": agree / len(human) if human else None}
 
+    def present(self, item: Item) -> bool:
+        return os.path.lexists(self.folder / item.path)
+
     def queue(self, limit: int, exclude: set[str]) -> list[dict]:
         out = []
         for index, item in enumerate(self.items):
-            if item.path in self.answers or item.path in exclude:
+            if item.path in self.answers or item.path in exclude or not self.present(item):
                 continue
             entry = {"index": index, "path": item.path, "text": item.text, "confidence": round(item.confidence, 4)}
             if item.path in self.rejected:  # not pre-filled: the page would offer the reading the site refused
@@ -177,11 +189,15 @@ def create_app(session: Session, hosts: set[str] | None = None) -> Flask:
     def image(index: int):
         if not 0 <= index < len(session.items):
             abort(404)
-        return send_file(session.folder / session.items[index].path, max_age=3600)
+        item = session.items[index]
+        try:
+            return send_file(open(session.folder / item.path, "rb"), download_name=Path(item.path).name, max_age=3600)
+        except FileNotFoundError:
+            return error(410, f"{item.path} was deleted from the folder since the page opened")
 
     @app.post("/api/answer")
     def answer():
-        body = request.get_json(silent=True)
+        body = json_body(request)
         if not isinstance(body, dict) or not isinstance(body.get("path"), str):
             return error(400, "expected JSON {path, label, status}")
         try:
@@ -189,6 +205,8 @@ def create_app(session: Session, hosts: set[str] | None = None) -> Flask:
                                    overwrite=body.get("overwrite") is True)  # "false", 1: no
         except UnknownImage:
             return error(404, f"not an image of this folder: {body['path']}")
+        except Gone:
+            return error(410, f"{body['path']} was deleted from the folder since the page opened; skipped")
         except AlreadyAnswered:
             previous = session.answers[body["path"]]
             return error(409, "already answered (another tab?)", label=previous.label, status=previous.status)

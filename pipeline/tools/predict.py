@@ -11,7 +11,7 @@ from typing import Iterable, Iterator, TextIO
 import click
 
 from pipeline.cli import command, model_option, onnx_option, run
-from pipeline.data.images import image_paths, load_image
+from pipeline.data.images import image_paths
 from pipeline.errors import PipelineError
 from pipeline.read.recognizer import Recognizer
 
@@ -35,33 +35,18 @@ def expand_inputs(inputs: Iterable[str]) -> Iterator[Path]:
 
 def predict_paths(recognizer: Recognizer, paths: Iterable[Path], out: TextIO | None = None,
                   batch_size: int = 64, beam: int = 1, allowed: str | None = None, case: str | None = None) -> int:
-    """Write one JSON object per path (to stdout as it is at the call); return the number of
-    unreadable files."""
+    """Write one JSON object per path (to stdout as it is at the call), in batches as they are read;
+    return the number of unreadable files."""
     out = out or sys.stdout
     failures = 0
-    batch: list[tuple[Path, object]] = []
-
-    def flush():
-        if not batch:
-            return
-        arrays = recognizer.preprocess.batch([img for _, img in batch])
-        for (path, _), pred in zip(batch, recognizer.predict_arrays(arrays, beam, allowed, case)):
-            out.write(json.dumps({"path": str(path), "text": pred.text, "confidence": round(pred.confidence, 6)}) + "\n")
-        out.flush()
-        batch.clear()
-
-    for path in paths:
-        try:
-            image = load_image(path)
-        except (OSError, ValueError) as e:
-            flush()  # keep the output in input order
+    for path, reading in recognizer.read_each(paths, batch_size=batch_size, beam=beam, allowed=allowed, case=case):
+        if isinstance(reading, Exception):
             failures += 1
-            out.write(json.dumps({"path": str(path), "error": str(e)}) + "\n")
-            continue
-        batch.append((path, image))
-        if len(batch) >= batch_size:
-            flush()
-    flush()
+            out.write(json.dumps({"path": str(path), "error": str(reading)}) + "\n")
+        else:
+            out.write(json.dumps({"path": str(path), "text": reading.text,
+                                  "confidence": round(reading.confidence, 6)}) + "\n")
+        out.flush()
     return failures
 
 

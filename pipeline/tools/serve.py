@@ -14,14 +14,16 @@ import click
 from pipeline import outputs
 from pipeline.cli import command, model_option, onnx_option, run
 from pipeline.errors import PipelineError
+from pipeline.files import file_sha256
 from pipeline.read.recognizer import Recognizer
-from pipeline.serving.app import Limits, create_app
-from pipeline.serving.feedback import Budget, Keeper, KeepLimits
+from pipeline.serving.app import Limits, check_feedback_token, create_app
+from pipeline.serving.feedback import Keeper, KeepLimits
 from pipeline.serving.http import listen, make_server
 from pipeline.serving.live_model import LiveModel
 from pipeline.serving.supervisor import default_workers, supervise
 
 log = logging.getLogger("captcha-crnn.serve")
+TOKEN_ENV = "CAPTCHA_CRNN_FEEDBACK_TOKEN"
 
 
 def serve_worker(sock: socket.socket, model: Path, threads: int, onnx: bool | None, limits: Limits,
@@ -32,9 +34,33 @@ def serve_worker(sock: socket.socket, model: Path, threads: int, onnx: bool | No
 
     live = LiveModel(load(), load)
     live.reload_on(signal.SIGHUP)
+    if file_sha256(model) != live.current.model_sha256:  # replaced while this worker started: a SIGHUP came
+        live.request_reload()                             # then, or will; until its handler, SIGHUP was ignored
     app = create_app(live, limits, metrics_path, health=health, keeper=keeper, feedback_token=feedback_token)
     log.info("serving %s (%s) on http://%s:%d", model, live.current.backend, *sock.getsockname()[:2])
     make_server(app, sock, threads, limits).run()
+
+
+def check_model(model: Path, onnx: bool | None) -> None:
+    """Load the model and read one image, in a child process: a model that cannot read stops serve
+    here, in one line, before any worker starts (and this process starts no thread pool that its
+    forked workers would inherit half-made)."""
+    context = multiprocessing.get_context("fork")
+    reader, writer = context.Pipe(duplex=False)
+
+    def load():
+        try:
+            Recognizer(model, onnx=onnx)
+            writer.send(None)
+        except PipelineError as e:
+            writer.send(str(e))
+
+    child = context.Process(target=load, daemon=True)
+    child.start()
+    child.join()
+    problem = reader.recv() if reader.poll() else f"{model}: loading the model failed (exit {child.exitcode})"
+    if problem:
+        raise PipelineError(problem)
 
 
 def serve(model: Path, host: str, port: int, workers: int | None = None, threads: int = 16,
@@ -48,11 +74,11 @@ def serve(model: Path, host: str, port: int, workers: int | None = None, threads
     workers = workers or default_workers()
     if not Path(model).is_file():
         raise PipelineError(f"{model}: checkpoint not found")
-    if feedback_token is not None and len(feedback_token) < 16:
-        raise PipelineError("--feedback-token: at least 16 characters (it guards what training learns)")
+    check_feedback_token(feedback_token)
+    check_model(model, onnx)
     keeper = None
     if keep is not None:
-        keeper = Keeper(keep, Budget(keep_limits))  # its counts live in memory the workers share
+        keeper = Keeper(keep, keep_limits)  # its counts live in keep/.budget, shared by the workers
         keeper.recount()
     sock = listen(host, port)
     torch_threads = max(1, (os.cpu_count() or 1) // workers)
@@ -83,12 +109,15 @@ def serve(model: Path, host: str, port: int, workers: int | None = None, threads
               help="captchas --keep holds at most; the oldest are dropped")
 @click.option("--keep-max-mb", default=KeepLimits.max_bytes // 2**20, show_default=True, type=click.IntRange(1),
               help="MiB --keep holds at most; the oldest are dropped")
-@click.option("--feedback-token", envvar="CAPTCHA_CRNN_FEEDBACK_TOKEN", default=None,
+@click.option("--feedback-token", envvar=TOKEN_ENV, default=None,
               help="take POST /feedback only with the header 'Authorization: Bearer TOKEN' "
                    "[env: CAPTCHA_CRNN_FEEDBACK_TOKEN]")
 def cli(model_path, onnx, host, port, workers, threads, keep, keep_max_captchas, keep_max_mb, feedback_token):
     """Serve POST /predict, GET /healthz and GET /model over HTTP (waitress); `kill -HUP` reloads
     the model file (a file that fails to load leaves the old model serving)."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the workers' reload handlers (python -m pipeline.tools.serve)
+    if feedback_token is None and os.environ.get(TOKEN_ENV) == "":  # click reads a set but empty variable as unset
+        feedback_token = ""  # refused below: an empty token must not mean "no token"
     serve(model_path, host, port, workers=workers, threads=threads, onnx=onnx, keep=keep,
           keep_limits=KeepLimits(keep_max_captchas, keep_max_mb * 2**20), feedback_token=feedback_token)
 

@@ -24,7 +24,8 @@ import torch
 
 from pipeline.charset import Charset
 from pipeline.data.captcha_style import Renderer
-from pipeline.data.shards import ShardStream, make_loader, read_manifest, split_shards
+from pipeline.data.shards import read_manifest, split_shards
+from pipeline.data.stream import ShardStream, make_loader
 from pipeline.device import pick_precision
 from pipeline.files import write_json
 from pipeline.model import ARCHS, build_model, checkpoint

@@ -23,7 +23,8 @@ from PIL import Image
 from pipeline.charset import Charset
 from pipeline.data.captcha_style import Renderer
 from pipeline.data.seeds import derive_seed
-from pipeline.data.shards import Sample, ShardStream, iter_tar, make_loader, write_shard
+from pipeline.data.shards import Sample, iter_tar, write_shard
+from pipeline.data.stream import ShardStream, make_loader
 from pipeline.model.preprocess import Preprocess
 from pipeline.params import load_params
 from pipeline.stages.generate import generate, sample_spec

@@ -169,3 +169,14 @@ def test_dvc_yaml_declares_the_paths_of_pipeline_outputs():
             declared |= {next(iter(o)) if isinstance(o, dict) else o for o in spec.get(kind, [])}
     written = {str(value) for name, value in vars(outputs).items() if name.isupper()}
     assert written - declared == set(), "written by the code but not declared in dvc.yaml"
+
+
+def test_the_data_stages_import_no_torch():
+    """torch costs about a second of every generate and ingest; the shard writer needs none of it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pipeline.stages.generate, pipeline.stages.ingest; "
+            "print(sorted(m for m in ('torch', 'webdataset') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr

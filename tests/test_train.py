@@ -12,7 +12,8 @@ import torch
 
 from pipeline.charset import Charset
 from pipeline.data.captcha_style import Renderer
-from pipeline.data.shards import ShardStream, loader_workers, make_loader, read_manifest, split_shards
+from pipeline.data.shards import read_manifest, split_shards
+from pipeline.data.stream import ShardStream, loader_workers, make_loader
 from pipeline.errors import PipelineError
 from pipeline.model import ARCHS, build_model, checkpoint, output_steps, steps_needed
 from pipeline.model.preprocess import Preprocess

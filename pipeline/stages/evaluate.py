@@ -20,8 +20,9 @@ from pipeline.charset import fold_text
 from pipeline.cli import command, params_option, quiet_option, run
 from pipeline.data.images import load_image
 from pipeline.data.labelled_folders import list_folder
-from pipeline.data.shards import ShardStream, iter_tar, loader_workers, make_loader
+from pipeline.data.shards import iter_tar
 from pipeline.data.sources import load_sources, require_shards
+from pipeline.data.stream import ShardStream, loader_workers, make_loader
 from pipeline.device import pick_device, pick_precision
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_write, check_writable, file_sha256, write_json

@@ -29,8 +29,9 @@ from tqdm import tqdm
 from pipeline import outputs
 from pipeline.charset import Charset
 from pipeline.cli import command, params_option, quiet_option, run
-from pipeline.data.shards import UNLABELLED, ShardStream, loader_workers, make_loader
+from pipeline.data.shards import UNLABELLED
 from pipeline.data.sources import load_sources, require_shards, shards_of
+from pipeline.data.stream import ShardStream, loader_workers, make_loader
 from pipeline.device import autocast, pick_device, pick_precision
 from pipeline.errors import ParamsError, PipelineError
 from pipeline.files import check_writable, write_json, write_text

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from pipeline.charset import Charset
-from pipeline.data.shards import ShardStream, make_loader
+from pipeline.data.stream import ShardStream, make_loader
 from pipeline.device import autocast
 from pipeline.errors import ParamsError
 from pipeline.params import TrainParams

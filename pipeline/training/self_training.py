@@ -8,7 +8,8 @@ import math
 import time
 from pathlib import Path
 
-from pipeline.data.shards import Sample, ShardStream, iter_tar, make_loader, write_shard
+from pipeline.data.shards import Sample, iter_tar, write_shard
+from pipeline.data.stream import ShardStream, make_loader
 from pipeline.errors import ParamsError
 from pipeline.params import TrainParams
 from pipeline.read.inference import predict_batches

@@ -47,7 +47,7 @@ from benchmarks.yardstick import (
     render_one,
     render_style,
 )
-from pipeline.data.label_log import SITE_REJECTED, read_answers
+from pipeline.data.label_log import LABELLING, SITE_REJECTED, read_answers
 from pipeline.files import file_sha256, write_json
 from pipeline.tools.label import open_session
 
@@ -177,7 +177,7 @@ def main() -> None:
             if args.human:
                 keystrokes += label_rejected(kept, served, played["truth"])
             answers = read_answers(kept / "labels.csv")
-            labels = sum(a.status in ("site-accepted", "labelled") for a in answers.values())
+            labels = sum(a.status in LABELLING for a in answers.values())
             started = time.perf_counter()
             # round 1 starts from the trunk, each later one from the model being served: the loop's
             # training adds up, on every label so far

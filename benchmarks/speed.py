@@ -37,7 +37,10 @@ from pipeline.stages.export import to_onnx
 from pipeline.stages.generate import generate
 from pipeline.stages.train import make_optimizer, train_step
 
-CHARSET = Charset("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+def charset_of(params: Params) -> Charset:
+    """The characters a model of these params reads."""
+    return Charset(params.model_charset)
 
 
 def median_of(runs: int, measure) -> float:
@@ -86,14 +89,15 @@ def train_rate(params: Params, model_params: ModelParams, precision: str, batch:
     torch.manual_seed(0)
     dev = torch.device(device)
     settings = model_params.settings
-    model = build_model(model_params.arch, settings, CHARSET.num_classes, 4).train().to(dev)
+    charset, length = charset_of(params), params.data.max_length
+    model = build_model(model_params.arch, settings, charset.num_classes, length).train().to(dev)
     x = torch.randn(batch, settings.channels, settings.height, settings.width)
     if channels_last:  # as pipeline.stages.train does
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, params.train, anchor=None)
     scaler = torch.amp.GradScaler(dev.type, enabled=precision == "fp16")
-    targets = torch.randint(1, CHARSET.num_classes, (batch * 4,))
-    lengths = torch.full((batch,), 4)
+    targets = torch.randint(1, charset.num_classes, (batch * length,))
+    lengths = torch.full((batch,), length)
 
     def step():
         train_step(model, optimizer, scaler, x, targets, lengths, device=dev, precision=precision,
@@ -127,8 +131,8 @@ def bench_cuda_training(params: Params, runs: int) -> dict:
     return cuda
 
 
-def loader_rate(shards: list[str], preprocess: Preprocess, workers: int, images: int) -> float:
-    stream = ShardStream(shards, lambda png, label, rng: (preprocess(png), CHARSET.encode(label)), 128,
+def loader_rate(shards: list[str], preprocess: Preprocess, charset: Charset, workers: int, images: int) -> float:
+    stream = ShardStream(shards, lambda png, label, rng: (preprocess(png), charset.encode(label)), 128,
                          shuffle=True)
     loader = make_loader(stream, workers)
     it = iter(loader)
@@ -335,7 +339,8 @@ def main():
             pre = Preprocess.of(params.model.with_arch(arch).settings)
             for workers in (0, 1, 2):
                 if (pre, workers) not in by_input:
-                    by_input[pre, workers] = median_of(runs, lambda: loader_rate(shards, pre, workers, 1500))
+                    by_input[pre, workers] = median_of(
+                        runs, lambda: loader_rate(shards, pre, charset_of(params), workers, 1500))
                 loading[f"{arch}/{workers}_workers"] = by_input[pre, workers]
                 print(f"  {arch}, {workers} workers: {loading[f'{arch}/{workers}_workers']:.0f} img/s", flush=True)
     report["loader_images_per_second"] = loading
@@ -345,8 +350,9 @@ def main():
         print(f"{model_path} missing: inference figures use an untrained default model", flush=True)
         model_path = Path(tempfile.mkdtemp()) / "model.pt"
         fast = params.model.with_arch("fast")
-        model = build_model("fast", fast.settings, CHARSET.num_classes, 4)
-        checkpoint.save(model_path, checkpoint.contents(model, "fast", fast.settings_dict(), CHARSET.chars, 4))
+        charset, length = charset_of(params), params.label_max_length
+        model = build_model("fast", fast.settings, charset.num_classes, length)
+        checkpoint.save(model_path, checkpoint.contents(model, "fast", fast.settings_dict(), charset.chars, length))
     print("inference ...", flush=True)
     report["inference"] = inference(model_path, runs)
     print(json.dumps(report["inference"], indent=1), flush=True)

@@ -49,6 +49,7 @@ from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont
 
 from benchmarks.record import parse_override, set_dotted
 from pipeline.data.captcha_style import Renderer
+from pipeline.data.mixed_style import YARDSTICK_FONT
 from pipeline.data.seeds import derive_seed
 from pipeline.data.shards import Sample, iter_tar, write_shard
 from pipeline.files import write_json
@@ -56,7 +57,6 @@ from pipeline.model import checkpoint
 from pipeline.model.settings import load_model_params as load_params
 from pipeline.params import read_yaml
 from pipeline.read.recognizer import Recognizer
-from pipeline.system_files import DEJAVU, LIBERATION
 
 TRUNK = "ddddocr"  # --model ddddocr: ddddocr's network cut to the charset, fine-tuned as profiles/finetune.yaml ships
 ALNUM = string.digits + string.ascii_uppercase + string.ascii_lowercase
@@ -84,7 +84,7 @@ def claptcha_style(label_rng, seed):
         ImageFont.FreeTypeFont.getsize = lambda self, text: self.getbbox(text)[2:]
     label = random_label(label_rng, ALNUM, (4, 6))
     with seeded_global_random(seed):
-        _, image = Claptcha(label, f"{LIBERATION}/LiberationSerif-Regular.ttf", size=(200, 80), noise=0.3).image
+        _, image = Claptcha(label, YARDSTICK_FONT["liberation-serif"], size=(200, 80), noise=0.3).image
     return label, image
 
 
@@ -93,7 +93,7 @@ def wheezy_style(label_rng, seed):
 
     label = random_label(label_rng, ALNUM, (4, 5))
     draw = wz.captcha(drawings=[
-        wz.background(), wz.text(fonts=[f"{LIBERATION}/LiberationSans-Bold.ttf"],
+        wz.background(), wz.text(fonts=[YARDSTICK_FONT["liberation-sans-bold"]],
                                  drawings=[wz.warp(), wz.rotate(), wz.offset()]),
         wz.curve(), wz.noise(), wz.smooth()], width=200, height=75)
     with seeded_global_random(seed):
@@ -111,14 +111,14 @@ def multicolor_style(label_rng, seed):
 
 def serif_style(label_rng, seed):
     label = random_label(label_rng, string.digits + string.ascii_lowercase, (5, 6))
-    renderer = Renderer(180, 60, [f"{DEJAVU}/DejaVuSerif.ttf", f"{DEJAVU}/DejaVuSerif-Bold.ttf"], [40, 46])
+    renderer = Renderer(180, 60, [YARDSTICK_FONT["dejavu-serif"], YARDSTICK_FONT["dejavu-serif-bold"]], [40, 46])
     return label, renderer.image(label, seed)
 
 
 def digits_style(label_rng, seed):
     label = random_label(label_rng, string.digits, (4, 6))
     rng = random.Random(seed)
-    font = ImageFont.truetype(f"{LIBERATION}/LiberationSans-Regular.ttf", rng.randint(24, 30))
+    font = ImageFont.truetype(YARDSTICK_FONT["liberation-sans"], rng.randint(24, 30))
     image = Image.new("RGB", (120, 40), (255, 255, 255))
     draw = ImageDraw.Draw(image)
     x = rng.randint(4, 14)

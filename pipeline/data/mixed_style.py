@@ -38,11 +38,14 @@ GENERAL_FONTS = [
     *pypi_fonts(),  # nine more families, from PyPI font wheels
 ]
 # Serif faces and the wide Liberation Sans: the yardstick's unseen styles are drawn with these.
-YARDSTICK_FONTS = [
-    f"{DEJAVU}/DejaVuSerif.ttf", f"{DEJAVU}/DejaVuSerif-Bold.ttf", f"{LIBERATION}/LiberationSerif-Regular.ttf",
-    f"{LIBERATION}/LiberationSerif-Bold.ttf", f"{LIBERATION}/LiberationSans-Regular.ttf",
-    f"{LIBERATION}/LiberationSans-Bold.ttf",
-]
+YARDSTICK_FONT = {
+    "dejavu-serif": f"{DEJAVU}/DejaVuSerif.ttf", "dejavu-serif-bold": f"{DEJAVU}/DejaVuSerif-Bold.ttf",
+    "liberation-serif": f"{LIBERATION}/LiberationSerif-Regular.ttf",
+    "liberation-serif-bold": f"{LIBERATION}/LiberationSerif-Bold.ttf",
+    "liberation-sans": f"{LIBERATION}/LiberationSans-Regular.ttf",
+    "liberation-sans-bold": f"{LIBERATION}/LiberationSans-Bold.ttf",
+}
+YARDSTICK_FONTS = list(YARDSTICK_FONT.values())
 
 
 @lru_cache(maxsize=512)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pipeline.errors import require
 from pipeline.model import ARCHS, output_steps, steps_needed
-from pipeline.params import Params, from_mapping, load_params
+from pipeline.params import ModelSection, Params, from_mapping, load_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,17 +31,16 @@ class ModelParams:
         return dataclasses.asdict(self.settings)
 
 
-def model_params(section, max_length: int, prefix: str = "model") -> ModelParams:
-    """model.arch and every model.<arch> section given, each checked by its architecture."""
-    require(isinstance(section, dict), prefix, f"expected a mapping, got {section!r}")
-    section = dict(section)
-    require("arch" in section, f"{prefix}.arch", "missing")
-    arch = section.pop("arch")
+def model_params(section: ModelSection, max_length: int, prefix: str = "model") -> ModelParams:
+    """model.arch and every model.<arch> section given (as params.py read them: ModelSection),
+    each checked by its architecture."""
+    arch = section.arch
     require(arch in ARCHS, f"{prefix}.arch", f"unknown architecture {arch!r} (known: {', '.join(ARCHS)})")
-    for key in section:
+    for key in section.sections:
         require(key in ARCHS, f"{prefix}.{key}", f"unknown key (expected arch or one of {', '.join(ARCHS)})")
-    require(arch in section, f"{prefix}.{arch}", "missing: the settings of the chosen arch")
-    settings = {name: from_mapping(ARCHS[name].Settings, value, f"{prefix}.{name}") for name, value in section.items()}
+    require(arch in section.sections, f"{prefix}.{arch}", "missing: the settings of the chosen arch")
+    settings = {name: from_mapping(ARCHS[name].Settings, value, f"{prefix}.{name}")
+                for name, value in section.sections.items()}
     steps, need = output_steps(arch, settings[arch], max_length), steps_needed(arch, max_length)
     require(steps >= need, f"{prefix}.{arch}.width", f"{steps} output steps cannot emit labels of {max_length} "
             f"characters (need {need}); widen the input")
@@ -52,8 +51,7 @@ def checked(params: Params) -> Params:
     """`params` with its model section checked (a ModelParams); idempotent."""
     if isinstance(params.model, ModelParams):
         return params
-    section = {"arch": params.model.arch, **params.model.sections}
-    return dataclasses.replace(params, model=model_params(section, params.label_max_length))
+    return dataclasses.replace(params, model=model_params(params.model, params.label_max_length))
 
 
 def load_model_params(path: str | Path = "params.yaml") -> Params:

@@ -18,11 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 from pipeline.files import write_json, write_text
 from pipeline.model.settings import load_model_params as load_params
-from pipeline.params import parse_value, read_yaml
+from pipeline.params import dump_yaml, parse_value, read_yaml
 
 
 def set_dotted(tree: dict, key: str, value) -> None:
@@ -40,7 +38,7 @@ def parse_override(text: str) -> tuple[str, object]:
 
 
 def write_params(raw: dict, path: Path) -> None:
-    write_text(path, yaml.safe_dump(raw, sort_keys=False))
+    write_text(path, dump_yaml(raw))
     load_params(path)  # validated like any params file
 
 

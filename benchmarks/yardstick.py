@@ -44,7 +44,6 @@ from pathlib import Path
 from typing import Callable
 
 import click
-import yaml
 from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont
 
 from benchmarks.record import parse_override, set_dotted
@@ -55,7 +54,7 @@ from pipeline.data.shards import Sample, iter_tar, write_shard
 from pipeline.files import write_json
 from pipeline.model import checkpoint
 from pipeline.model.settings import load_model_params as load_params
-from pipeline.params import read_yaml
+from pipeline.params import dump_yaml, read_yaml
 from pipeline.read.recognizer import Recognizer
 
 TRUNK = "ddddocr"  # --model ddddocr: ddddocr's network cut to the charset, fine-tuned as profiles/finetune.yaml ships
@@ -279,7 +278,7 @@ def fine_tune(model: Path | None, pretrained_like: Path | None, train: list[tupl
         (workdir / "pretrained").mkdir()
         shutil.copy(model, workdir / "pretrained/model.pt")
         params["train"]["init_from"] = "pretrained/model.pt"
-    (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (workdir / "params.yaml").write_text(dump_yaml(params))
     cwd = os.getcwd()
     os.chdir(workdir)
     try:

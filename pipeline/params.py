@@ -8,66 +8,58 @@ data stages do not depend on it.
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
+import io
 import math
 import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
+from ruamel.yaml import YAML, YAMLError
 
 from pipeline.errors import ParamsError, require
 
-
-class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads `1e-4` as a string; YAML 1.2 (and DVC) read it as a float. Agree with DVC."""
+MAX_PARAMS_BYTES = 2**20  # params files are a few KB; a larger one is refused before it is parsed
 
 
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
+def _yaml() -> YAML:
+    """YAML 1.2, as DVC reads params.yaml (`1e-4` is a float, `yes` a string), refusing duplicate keys."""
+    loader = YAML(typ="safe", pure=True)
+    loader.allow_duplicate_keys = False
+    return loader
 
 
-def _mapping_without_duplicates(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    keys = [loader.construct_object(key, deep=deep) for key, _ in node.value]
-    counts = collections.Counter(str(k) for k in keys)
-    duplicates = sorted(k for k, n in counts.items() if n > 1)
-    if duplicates:
-        raise yaml.constructor.ConstructorError(None, None, f"duplicate key {duplicates[0]!r}", node.start_mark)
-    return loader.construct_mapping(node, deep=deep)
-
-
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+def dump_yaml(raw: dict) -> str:
+    """A params mapping as YAML text that read_yaml reads back as it was."""
+    out = io.StringIO()
+    writer = YAML(typ="safe", pure=True)
+    writer.default_flow_style = False
+    writer.sort_base_mapping_type_on_output = False
+    writer.dump(raw, out)
+    return out.getvalue()
 
 
 def parse_value(text: str):
     """One value as params.yaml reads it (`1e-4` is a float), e.g. for a `--set KEY=VALUE` option."""
-    return yaml.load(text, Loader=_Loader)
+    return _yaml().load(text)
 
 
 def read_yaml(path: Path) -> dict:
     try:
+        size = Path(path).stat().st_size
+        if size > MAX_PARAMS_BYTES:
+            raise ParamsError(f"{path}: {size:,} bytes; a params file is at most {MAX_PARAMS_BYTES:,}")
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise ParamsError(f"{path}: cannot read params file ({e.strerror})") from None
     except UnicodeDecodeError as e:
         raise ParamsError(f"{path}: not UTF-8 text (byte {e.start})") from None
     try:
-        data = yaml.load(text, Loader=_Loader) or {}
+        data = _yaml().load(text) or {}
     except RecursionError:
         raise ParamsError(f"{path}: not valid YAML (nested too deeply)") from None
-    except yaml.YAMLError as e:
+    except YAMLError as e:
         where = f", line {e.problem_mark.line + 1}" if getattr(e, "problem_mark", None) else ""
         reason = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ParamsError(f"{path}: not valid YAML ({reason}{where})") from None

@@ -100,6 +100,36 @@ def fine_tune_params(folder: Path, site: str, train: dict | None = None, **inges
     return path
 
 
+@pytest.fixture(scope="session")
+def recognizer(tiny_dataset):
+    """The tiny model, read with torch."""
+    from pipeline.read.recognizer import Recognizer
+
+    return Recognizer(tiny_dataset / "models/model.pt", onnx=False)
+
+
+# the limits of the served app in the hostile-input tests
+SERVE_LIMITS = dict(max_bytes=2_000_000, max_connections=40, max_connections_per_client=8, idle_timeout=1,
+                    request_timeout=2)
+
+
+@pytest.fixture(scope="module")
+def server_url(recognizer):
+    """The tiny model served by the hardened waitress server, in a thread."""
+    import socket
+    import threading
+
+    from pipeline.serving.app import Limits, create_app
+    from pipeline.serving.http import make_server
+
+    limits = Limits(**SERVE_LIMITS)
+    sock = socket.create_server(("127.0.0.1", 0))
+    server = make_server(create_app(recognizer, limits), sock, 4, limits)
+    threading.Thread(target=server.run, daemon=True).start()
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server.task_dispatcher.shutdown(timeout=1)
+
+
 @pytest.fixture
 def tiny_copy(tiny_dataset, tmp_path, monkeypatch):
     """A writable copy of the tiny dataset folder, as the working directory."""

@@ -14,7 +14,7 @@ from pipeline.model.preprocess import Preprocess
 from pipeline.params import load_params
 from pipeline.training.augment import DISTORTIONS, Augment
 from tests.conftest import write_params
-from tests.test_serve import png_bytes
+from tests.helpers import captcha_png as png_bytes
 
 KEEP_ASPECT = Preprocess(32, 160, 1, keep_aspect=True)
 

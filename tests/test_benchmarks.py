@@ -1,4 +1,9 @@
 """The benchmarks: report tables, and the yardstick's styles and fine-tuning path (the figures themselves are measured by `make bench` and `make bench-yardstick`, not here)."""
+import math
+
+import pytest
+import torch
+
 from benchmarks.speed import format_tables, train_rate
 from pipeline.model import ARCHS
 from tests.conftest import REPO, default_params
@@ -47,10 +52,30 @@ def test_cuda_only_report_prints_its_table():
     assert "| `multihead` | 5,000 | 7,000 |" in text
 
 
-def test_train_rate_runs_each_arch_a_step():
+def test_train_rate_times_the_training_stages_own_step(monkeypatch):
+    """Each arch's rate is its batch over the step time of pipeline.stages.train's train_step, which
+    runs (a warm-up, then `steps` timed) and moves the weights."""
+    import benchmarks.speed as speed
+
     params = default_params()
     for arch in ARCHS:
-        assert train_rate(params, params.model.with_arch(arch), "fp32", batch=2, steps=1) > 0
+        steps, moved = [], []
+
+        def step(model, optimizer, *args, **kwargs):
+            before = [p.detach().clone() for p in model.parameters()]
+            loss = speed_train_step(model, optimizer, *args, **kwargs)
+            moved.append(any(not torch.equal(a, p) for a, p in zip(before, model.parameters())))
+            steps.append(loss.item())
+            return loss
+
+        speed_train_step = speed.train_step
+        monkeypatch.setattr(speed, "train_step", step)
+        times = iter([0.0, 0.5, 1.0, 1.25, 2.0, 2.1])  # perf_counter around the timed steps: 0.5, 0.25, 0.1 s
+        monkeypatch.setattr(speed.time, "perf_counter", lambda: next(times))
+        rate = train_rate(params, params.model.with_arch(arch), "fp32", batch=2, steps=3)
+        monkeypatch.undo()
+        assert len(steps) == 4 and all(moved) and all(math.isfinite(x) for x in steps), arch
+        assert rate == pytest.approx(2 / 0.25), arch  # the median step
 
 
 def test_record_run_renders_a_prefix_that_is_an_ordinary_dataset(tmp_path):

@@ -102,11 +102,21 @@ def test_beam_search_finds_the_more_probable_label():
     assert conf == pytest.approx(0.4375)
 
 
-def test_beam_probabilities_sum_over_alignments_and_are_bounded():
+def test_a_wide_beam_finds_the_likeliest_label_and_its_probability_over_all_alignments():
+    """With a beam wide enough to keep every prefix, the search is exact: against brute force over
+    all 4^5 paths, it answers the label of highest total probability, and that total."""
     rng = np.random.default_rng(1)
-    probs = rng.dirichlet(np.ones(CS.num_classes), size=(5, 8))
-    for ids, conf in beam_decode(probs, beam_width=16):
-        assert 0.0 <= conf <= 1.0
+    probs = rng.dirichlet(np.ones(4) * 0.5, size=(6, 5))
+    for b, (ids, conf) in enumerate(beam_decode(probs, beam_width=4**5)):
+        totals: dict[tuple[int, ...], float] = {}
+        for path in itertools.product(range(4), repeat=5):
+            totals[collapse(path)] = totals.get(collapse(path), 0.0) + np.prod(probs[b, range(5), path])
+        best = max(totals, key=totals.get)
+        assert tuple(ids) == best and conf == pytest.approx(totals[best], rel=1e-9)
+    # a narrow beam prunes alignments: it never claims more than the label's probability over all of them
+    many = rng.dirichlet(np.ones(CS.num_classes) * 0.3, size=(5, 8))
+    for i, (ids, conf) in enumerate(beam_decode(many, beam_width=4)):
+        assert 0 < conf <= label_probability(many[i:i + 1], [ids])[0] * (1 + 1e-6)
 
 
 def test_mask_restricts_output():

@@ -16,7 +16,6 @@ import urllib.request
 import pytest
 import torch
 
-from pipeline.data.captcha_style import Renderer
 from pipeline.data.label_log import read_answers
 from pipeline.model import checkpoint
 from pipeline.params import IngestParams, load_params
@@ -27,14 +26,7 @@ from pipeline.serving.http import make_server
 from pipeline.serving.live_model import LiveModel
 from pipeline.stages.ingest import ingest
 from pipeline.tools.label import open_session
-from tests.test_serve import EchoRecognizer
-from tests.test_serve_hostile import free_port, start_serve, wait_for, wait_healthy
-
-TOKEN = "a-token-of-at-least-16"
-
-
-def png(text: str, seed: int) -> bytes:
-    return Renderer(128, 64).png(text, seed)
+from tests.helpers import TOKEN, EchoRecognizer, captcha_png, feedback, free_port, start_serve, wait_for, wait_healthy
 
 
 def keeper(folder, max_captchas=100_000, max_bytes=2**30) -> Keeper:
@@ -43,24 +35,14 @@ def keeper(folder, max_captchas=100_000, max_bytes=2**30) -> Keeper:
     return k
 
 
-@pytest.fixture(scope="module")
-def recognizer(tiny_dataset):
-    return Recognizer(tiny_dataset / "models/model.pt", onnx=False)
-
-
-def feedback(client, captcha_id, correct, token=TOKEN):
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return client.post("/feedback", json={"id": captcha_id, "correct": correct}, headers=headers)
-
-
 def test_feedback_once_per_id_only_for_issued_ids_and_only_with_the_token(recognizer, tmp_path):
     kept = tmp_path / "kept"
     recognizer = EchoRecognizer(recognizer.preprocess)  # reads every image as some text: the tiny model reads ""
     client = create_app(recognizer, keeper=keeper(kept), feedback_token=TOKEN).test_client()
-    first = client.post("/predict", data=png("AB12", 1), content_type="image/png").json
-    second = client.post("/predict", data=png("CD34", 2), content_type="image/png").json
+    first = client.post("/predict", data=captcha_png("AB12", 1), content_type="image/png").json
+    second = client.post("/predict", data=captcha_png("CD34", 2), content_type="image/png").json
     assert len({first["id"], second["id"]}) == 2 and all(len(r["id"]) == 32 for r in (first, second))
-    assert (kept / f"{first['id']}.png").read_bytes() == png("AB12", 1)  # the upload as it came
+    assert (kept / f"{first['id']}.png").read_bytes() == captcha_png("AB12", 1)  # the upload as it came
     record = json.loads((kept / f"{first['id']}.json").read_text())
     assert record["text"] == first["text"] and record["model_sha256"] == recognizer.model_sha256
 
@@ -86,14 +68,14 @@ def test_feedback_once_per_id_only_for_issued_ids_and_only_with_the_token(recogn
 
 def test_without_keep_there_is_no_feedback_and_no_id(recognizer):
     client = create_app(recognizer).test_client()
-    assert "id" not in client.post("/predict", data=png("AB12", 1), content_type="image/png").json
+    assert "id" not in client.post("/predict", data=captcha_png("AB12", 1), content_type="image/png").json
     assert client.post("/feedback", json={"id": "0" * 32, "correct": True}).status_code == 404
 
 
 def test_the_kept_folder_is_bounded_oldest_dropped_and_healthz_says_so(recognizer, tmp_path):
     kept = tmp_path / "kept"
     client = create_app(recognizer, keeper=keeper(kept, max_captchas=10)).test_client()
-    ids = [client.post("/predict", data=png("AB12", i), content_type="image/png").json["id"] for i in range(25)]
+    ids = [client.post("/predict", data=captcha_png("AB12", i), content_type="image/png").json["id"] for i in range(25)]
     on_disk = {p.name.split(".")[0] for p in kept.iterdir() if not p.name.startswith(("labels", "."))}
     assert len(on_disk) <= 10 and ids[-1] in on_disk and ids[0] not in on_disk
     assert on_disk == set(ids[-len(on_disk):])  # the newest survive
@@ -112,11 +94,11 @@ def test_ingest_and_the_label_page_read_the_verdicts(tiny_dataset, tmp_path, mon
     kept = tmp_path / "kept"
     k = keeper(kept, max_captchas=1000)
     texts = ["AB12", "CD34", "EF56", "GH78", "JK90"]
-    ids = [k.keep(png(t, i), "PNG", t if i != 2 else "EE56", 0.5, "sha") for i, t in enumerate(texts)]
+    ids = [k.keep(captcha_png(t, i), "PNG", t if i != 2 else "EE56", 0.5, "sha") for i, t in enumerate(texts)]
     for captcha_id, correct in zip(ids, [True, True, False]):
         k.verdict(captcha_id, correct)
     with pytest.raises(ValueError, match="empty reading"):
-        k.verdict(k.keep(png("AB12", 9), "PNG", "", 0.1, "sha"), True)
+        k.verdict(k.keep(captcha_png("AB12", 9), "PNG", "", 0.1, "sha"), True)
     for suffix in (".png", ".json", ".verdict"):  # a judged captcha dropped by the budget since
         (kept / f"{ids[1]}{suffix}").unlink()
 
@@ -160,7 +142,7 @@ def test_a_reload_under_load_fails_no_request_and_a_bad_file_leaves_the_old_mode
     threading.Thread(target=server.run, daemon=True).start()
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     statuses, stop = [], threading.Event()
-    image = png("AB12", 7)
+    image = captcha_png("AB12", 7)
 
     def client():
         while not stop.is_set():

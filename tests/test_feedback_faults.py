@@ -24,9 +24,7 @@ from pipeline.serving.feedback import Keeper, KeepLimits
 from pipeline.tools.label import create_app as label_app
 from pipeline.tools.label import open_session
 from tests.conftest import REPO
-from tests.test_feedback import TOKEN, feedback, png
-from tests.test_serve import EchoRecognizer
-from tests.test_serve_hostile import free_port, port_of, recognizer, server_url, start_serve, wait_healthy  # noqa: F401
+from tests.helpers import TOKEN, EchoRecognizer, captcha_png, feedback, free_port, start_serve, wait_healthy
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +41,7 @@ def client_of(echo, kept, **limits):
 
 
 def read_one(client, seed: int = 0) -> dict:
-    return client.post("/predict", data=png("AB12", seed), content_type="image/png").json
+    return client.post("/predict", data=captcha_png("AB12", seed), content_type="image/png").json
 
 
 def test_a_worker_killed_holding_the_budget_lock_blocks_no_one(echo, tmp_path):
@@ -77,7 +75,7 @@ def test_one_budget_over_every_serve_process_on_the_folder(echo, tmp_path):
 
 def test_a_captcha_larger_than_the_whole_budget_gets_no_id(echo, tmp_path):
     client, _ = client_of(echo, tmp_path / "kept", max_bytes=2_000)
-    big = png("AB12", 1)
+    big = captcha_png("AB12", 1)
     assert len(big) > 2_000
     answer = client.post("/predict", data=big, content_type="image/png").json
     assert "id" not in answer and answer["text"]
@@ -147,7 +145,7 @@ def test_bodies_nested_past_the_recursion_limit_are_400(echo, tmp_path, body, ti
                            headers={"Authorization": f"Bearer {TOKEN}"})
     assert response.status_code == 400 and "expected JSON" in response.json["error"]
     (tmp_path / "site").mkdir()
-    (tmp_path / "site/a.png").write_bytes(png("AB12", 1))
+    (tmp_path / "site/a.png").write_bytes(captcha_png("AB12", 1))
     page = label_app(open_session(tmp_path / "site", tiny_dataset / "models/model.pt", None, who="t")).test_client()
     response = page.post("/api/answer", data=body, content_type="application/json")
     assert response.status_code == 400 and "expected JSON" in response.json["error"]
@@ -222,12 +220,12 @@ def test_sighup_at_any_moment_of_start_up_is_harmless(tiny_dataset, tmp_path):
             proc.wait()
 
 
-def test_an_upload_refused_on_its_length_gets_a_readable_413(server_url):  # noqa: F811
+def test_an_upload_refused_on_its_length_gets_a_readable_413(server_url):
     """The client sends its whole 30 MB body before reading, as most clients do; the server has
     refused it on the headers and lingers reading it, so the send completes and the 413 can be read,
     instead of the send failing with a connection reset."""
     body = b"x" * (30 * 2**20)
-    sock = socket.create_connection(("127.0.0.1", port_of(server_url)), timeout=10)
+    sock = socket.create_connection(("127.0.0.1", int(server_url.rsplit(":", 1)[1])), timeout=10)
     head = (f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode()
     sock.sendall(head + body)  # BrokenPipeError or ConnectionResetError without the linger

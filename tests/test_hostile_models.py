@@ -86,7 +86,7 @@ def test_serve_refuses_a_model_that_cannot_read_at_start_up(tiny_dataset, tmp_pa
     import sys
 
     from tests.conftest import REPO
-    from tests.test_serve_hostile import free_port
+    from tests.helpers import free_port
 
     path = altered(tiny_dataset, tmp_path, "nan", poison)
     result = subprocess.run([sys.executable, "-m", "pipeline", "serve", "--model", path, "--port", str(free_port()),

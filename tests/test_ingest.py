@@ -23,17 +23,9 @@ from pipeline.stages.evaluate import evaluate
 from pipeline.stages.ingest import ingest
 from pipeline.stages.train import train
 from tests.conftest import write_params
+from tests.helpers import encode
 
 RENDER = Renderer(128, 64)
-
-
-def encode(text: str, seed: int, fmt: str = "PNG", mode: str | None = None) -> bytes:
-    image = RENDER.image(text, seed)
-    if mode:
-        image = image.convert(mode)
-    out = io.BytesIO()
-    image.save(out, format=fmt, **({"lossless": True} if fmt == "WEBP" else {}))
-    return out.getvalue()
 
 
 def make_folder(folder: Path) -> dict[str, str]:
@@ -195,7 +187,10 @@ def test_init_from_another_charset_keeps_the_trunk_and_the_shared_rows(tiny_copy
     assert not any(torch.equal(new[weight][11 + i], old["state_dict"][weight][11 + i]) for i in range(3))
     params = load_params("params.yaml")
     ingest(params.data, params.ingest)
-    assert train(params, progress=False)["images_seen"] > 0
+    trained = sum(row["split"] == "train" for row in pq.read_table("data/ingest/manifest.parquet").to_pylist())
+    summary = train(params, progress=False)  # one epoch over the ingested captchas alone
+    assert summary["images_seen"] == trained and trained > 30
+    assert torch.load("models/model.pt", weights_only=True)["charset"] == charset
 
 
 @pytest.mark.parametrize("override, message", [

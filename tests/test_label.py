@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from pipeline.data.labelled_folders import read_labels_file
 from pipeline.errors import PipelineError
 from pipeline.tools.label import create_app, open_session
 from tests.conftest import REPO
+from tests.helpers import answers, free_port, wait_for
 
 LABELS = ["AB12", "CD34", "EF56", "GH78", "JK90", "LM12", "NP34", "QR56"]
 
@@ -143,24 +143,6 @@ def test_a_torn_last_row_is_ignored_and_ingest_reads_the_csv(folder, model):
     assert table.labels == {"img0.png": "AB12", "img2.png": "EF56"} and table.left_out == {"img1.png"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(url: str, seconds: float = 60) -> None:
-    deadline = time.time() + seconds
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=1)
-            return
-        except OSError:
-            if time.time() > deadline:
-                raise
-            time.sleep(0.2)
-
-
 def test_killing_the_server_loses_no_saved_answer(folder, model):
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -168,7 +150,7 @@ def test_killing_the_server_loses_no_saved_answer(folder, model):
                                "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_for(f"{url}/api/state")
+        assert wait_for(lambda: answers(f"{url}/api/state"), 60)
         for i in range(5):
             body = json.dumps({"path": f"img{i}.png", "label": LABELS[i], "status": "labelled"}).encode()
             request = urllib.request.Request(f"{url}/api/answer", data=body, headers={"Content-Type": "application/json"})
@@ -249,7 +231,6 @@ def test_the_page_answers_only_to_the_host_it_listens_on(folder, model):
 
 
 def test_a_busy_port_is_one_line_and_leaves_no_labels_csv(folder, model):
-    import socket
 
     from click.testing import CliRunner
 

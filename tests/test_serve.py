@@ -10,24 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data.captcha_style import Renderer
-from pipeline.read.recognizer import Recognizer
 from pipeline.serving.app import Limits, create_app
-
-
-@pytest.fixture(scope="module")
-def recognizer(tiny_dataset):
-    return Recognizer(tiny_dataset / "models/model.pt", onnx=False)
+from tests.helpers import EchoRecognizer, captcha_png
 
 
 @pytest.fixture(scope="module")
 def client(recognizer):
     app = create_app(recognizer, Limits(max_bytes=200_000, max_files=4, max_pixels=1_000_000))
     return app.test_client()
-
-
-def png_bytes(text: str, seed: int) -> bytes:
-    return Renderer(128, 64).png(text, seed)
 
 
 def bomb_png(width: int = 10_000, height: int = 10_000) -> bytes:
@@ -48,7 +38,7 @@ def post(client, *files, field="file", query=""):
 
 
 def test_one_file(client, recognizer):
-    image = png_bytes("AB12", 1)
+    image = captcha_png("AB12", 1)
     r = post(client, image)
     assert r.status_code == 200
     expected = recognizer.predict([image])[0]
@@ -56,7 +46,7 @@ def test_one_file(client, recognizer):
 
 
 def test_several_files_in_order_and_raw_body(client, recognizer):
-    images = [png_bytes(t, i) for i, t in enumerate(["AAAA", "B1C2", "ZZ99"])]
+    images = [captcha_png(t, i) for i, t in enumerate(["AAAA", "B1C2", "ZZ99"])]
     r = post(client, *images)
     assert r.status_code == 200
     assert [x["text"] for x in r.json["results"]] == [p.text for p in recognizer.predict(images)]
@@ -69,19 +59,19 @@ def test_several_files_in_order_and_raw_body(client, recognizer):
     (lambda c: c.post("/predict", data=b"", content_type="image/png"), 400),
     (lambda c: post(c, b""), 400),
     (lambda c: post(c, b"this is not an image at all"), 415),
-    (lambda c: post(c, png_bytes("AB12", 1)[:300]), 400),
+    (lambda c: post(c, captcha_png("AB12", 1)[:300]), 400),
     (lambda c: post(c, b"\x00" * 300_000), 413),
     (lambda c: post(c, bomb_png()), 413),
-    (lambda c: post(c, *[png_bytes("AB12", i) for i in range(5)]), 413),
+    (lambda c: post(c, *[captcha_png("AB12", i) for i in range(5)]), 413),
     (lambda c: c.get("/predict"), 405),
-    (lambda c: c.post("/predict?beam=zero", data=png_bytes("AB12", 1), content_type="image/png"), 400),
+    (lambda c: c.post("/predict?beam=zero", data=captcha_png("AB12", 1), content_type="image/png"), 400),
     (lambda c: c.get("/nowhere"), 404),
 ])
 def test_bad_input_gets_json_error_and_server_keeps_serving(client, make, status):
     r = make(client)
     assert r.status_code == status
     assert set(r.json) == {"error"} and r.json["error"]
-    assert post(client, png_bytes("AB12", 1)).status_code == 200
+    assert post(client, captcha_png("AB12", 1)).status_code == 200
 
 
 def test_bomb_is_rejected_before_decoding(recognizer, monkeypatch):
@@ -98,31 +88,10 @@ def test_bomb_is_rejected_before_decoding(recognizer, monkeypatch):
     assert decoded == []
 
 
-class EchoRecognizer:
-    """Answers with a digest of each image's pixels, so any mix-up between requests shows."""
-
-    model_sha256 = "echo"
-
-    def __init__(self, preprocess):
-        self.preprocess = preprocess
-        self.batch_sizes = []
-        self.decoding_threads = set()
-
-    def probs(self, batch):
-        self.batch_sizes.append(len(batch))
-        return np.array([[[float(a.sum())]] for a in batch])
-
-    def decode(self, probs, beam=1, allowed=None, case=None):
-        from pipeline.read.recognizer import Prediction
-
-        self.decoding_threads.add(threading.current_thread().name)
-        return [Prediction(f"{p[0, 0]:.3f}", 1.0) for p in probs]
-
-
 def test_concurrent_requests_get_their_own_answers(recognizer):
     echo = EchoRecognizer(recognizer.preprocess)
     client = create_app(echo).test_client()
-    images = [png_bytes(f"{c}{c}{i % 10}{i % 7}", i) for i, c in enumerate("ABCDEFGHJK" * 3)]
+    images = [captcha_png(f"{c}{c}{i % 10}{i % 7}", i) for i, c in enumerate("ABCDEFGHJK" * 3)]
     expected = [f"{float(recognizer.preprocess(im).sum()):.3f}" for im in images]
     assert len(set(expected)) == len(images)
     got = [None] * len(images)
@@ -153,7 +122,7 @@ def test_healthz_and_model(client):
 
 
 def test_images_of_any_mode_and_size(recognizer):
-    base = Image.open(io.BytesIO(png_bytes("AB12", 3)))
+    base = Image.open(io.BytesIO(captcha_png("AB12", 3)))
     variants = [base, base.convert("RGBA"), base.convert("L"), base.convert("P"), base.convert("1"),
                 base.resize((300, 90)), np.asarray(base), np.asarray(base.convert("L")).astype(np.uint16) * 257,
                 Image.fromarray(np.asarray(base.convert("L")).astype(np.uint16) * 257)]
@@ -165,7 +134,7 @@ def test_images_of_any_mode_and_size(recognizer):
 
 
 def test_odd_beams_and_raw_bodies_of_any_content_type(client, recognizer):
-    image = png_bytes("AB12", 1)
+    image = captcha_png("AB12", 1)
     assert client.post("/predict?beam=\u00b2", data=image, content_type="image/png").status_code == 400
     assert client.post("/predict?beam=%EF%BC%93", data=image, content_type="image/png").status_code == 400
     expected = recognizer.predict([image])[0].text
@@ -210,7 +179,7 @@ def test_keep_aspect_resizes_to_the_height_and_pads_the_width():
 
 
 def test_allowed_and_case_per_request_as_predict_has_them(client, recognizer):
-    image = png_bytes("AB12", 1)
+    image = captcha_png("AB12", 1)
     for query, allowed, case in (("?allowed=0123456789", "0123456789", None), ("?case=lower", None, "lower"),
                                  ("?allowed=AB12&case=lower&beam=3", "AB12", "lower")):
         r = post(client, image, query=query)

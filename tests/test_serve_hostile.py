@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -22,27 +21,12 @@ import pytest
 from PIL import Image
 
 from pipeline.data.captcha_style import Renderer
-from pipeline.read.recognizer import Recognizer
 from pipeline.serving import app as serve_module
 from pipeline.serving.app import Limits, create_app
-from pipeline.serving.http import make_server
+from tests.conftest import SERVE_LIMITS
+from tests.helpers import free_port, start_serve, wait_for, wait_healthy
 
-LIMITS = Limits(max_bytes=2_000_000, max_connections=40, max_connections_per_client=8,
-                idle_timeout=1, request_timeout=2)
-
-
-@pytest.fixture(scope="module")
-def recognizer(tiny_dataset):
-    return Recognizer(tiny_dataset / "models/model.pt", onnx=False)
-
-
-@pytest.fixture(scope="module")
-def server_url(recognizer):
-    sock = socket.create_server(("127.0.0.1", 0))
-    server = make_server(create_app(recognizer, LIMITS), sock, 4, LIMITS)
-    threading.Thread(target=server.run, daemon=True).start()
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.task_dispatcher.shutdown(timeout=1)
+LIMITS = Limits(**SERVE_LIMITS)
 
 
 def port_of(url: str) -> int:
@@ -193,38 +177,6 @@ def test_work_per_request_is_bounded_before_decoding(recognizer, monkeypatch):
 
 
 # -- the supervised worker processes --------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_serve(model, port, *args):
-    return subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--model", str(model),
-                             "--port", str(port), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
-def wait_healthy(port: int, proc, seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read().decode()
-        try:
-            if get(f"http://127.0.0.1:{port}/healthz", timeout=1)[0] == 200:
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise AssertionError("server did not come up")
-
-
-def wait_for(condition, seconds: float = 20) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return False
-
 
 def alive(pids) -> list[int]:
     return [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]

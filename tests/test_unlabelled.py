@@ -23,7 +23,7 @@ from pipeline.stages.train import train
 from pipeline.training import self_training
 from pipeline.training.self_training import confidence_threshold, write_pseudo_shard
 from tests.conftest import digits_site, fine_tune_params, write_params
-from tests.test_ingest import encode
+from tests.helpers import encode
 
 CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 

@@ -16,18 +16,17 @@ fewer distinct captchas seen more often can be set against more seen once.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import shlex
 import time
 from pathlib import Path
 
+import click
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from benchmarks.record import parse_override, set_dotted, write_params
+from benchmarks.common import host_kind, parse_variant, set_dotted, write_params
 from pipeline import outputs
 from pipeline.files import write_json, write_text
 from pipeline.model import ARCHS
@@ -40,12 +39,6 @@ from pipeline.stages.train import Paths as TrainPaths
 from pipeline.stages.train import train
 
 SUBSET = "train_samples"  # a variant key that is not a params key
-
-
-def parse_variant(text: str) -> tuple[str, dict]:
-    """'NAME KEY=VALUE ...' -> (NAME, {KEY: value})."""
-    name, *settings = shlex.split(text)
-    return name, dict(parse_override(s) for s in settings)
 
 
 def subset_manifest(manifest: Path, samples: int, out: Path) -> Path:
@@ -79,24 +72,25 @@ def variant_params(raw: dict, settings: dict, folder: Path) -> Path:
     return path
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--minutes", type=float, default=10.0, help="training budget per variant")
-    parser.add_argument("--archs", default=",".join(ARCHS), help="comma-separated architectures (without --variant)")
-    parser.add_argument("--variant", action="append", default=[], metavar="'NAME KEY=VALUE ...'")
-    parser.add_argument("--params", default="params.yaml", help="data, train and evaluate settings")
-    parser.add_argument("--out", default="reports/bench")
-    args = parser.parse_args()
-    raw = read_yaml(Path(args.params))
-    variants = [parse_variant(v) for v in args.variant] or [(a, {"model.arch": a}) for a in args.archs.split(",")]
+@click.command(help=__doc__)
+@click.option("--minutes", default=10.0, show_default=True, help="training budget per variant")
+@click.option("--archs", default=",".join(ARCHS), show_default=True,
+              help="comma-separated architectures (without --variant)")
+@click.option("--variant", "variant_texts", multiple=True, metavar="'NAME KEY=VALUE ...'")
+@click.option("--params", "params_path", default="params.yaml", show_default=True,
+              help="data, train and evaluate settings")
+@click.option("--out", default="reports/bench", show_default=True)
+def main(minutes, archs, variant_texts, params_path, out):
+    raw = read_yaml(Path(params_path))
+    variants = [parse_variant(v) for v in variant_texts] or [(a, {"model.arch": a}) for a in archs.split(",")]
     if not outputs.MANIFEST.exists():
-        generate(load_params(args.params).data)
-    out = Path(args.out)
+        generate(load_params(params_path).data)
+    out = Path(out)
     table, curves = {}, ["variant\tminutes\tval_seq_accuracy"]
     for name, settings in variants:
         folder = out / name
         folder.mkdir(parents=True, exist_ok=True)
-        budget = {"train.epochs": 1000, "train.max_minutes": args.minutes, "train.patience": 0}
+        budget = {"train.epochs": 1000, "train.max_minutes": minutes, "train.patience": 0}
         params = load_params(variant_params(raw, {**budget, **settings}, folder))
         paths = TrainPaths(folder / "model.pt", folder / "last.pt", folder / "history.tsv", folder / "train.json")
         started = time.perf_counter()
@@ -112,7 +106,8 @@ def main():
                        "precision": summary["precision"], "o0_errors": o0_errors(folder / "confusion.csv")}
         for row in read_history(paths.history):
             curves.append(f"{name}\t{float(row['elapsed_s']) / 60:.2f}\t{row['val_seq_accuracy']}")
-        write_json(out / "accuracy.json", {"minutes": args.minutes, "cpu_count": os.cpu_count(), "results": table})
+        write_json(out / "accuracy.json", {"minutes": minutes, "cpu_count": os.cpu_count(), "host": host_kind(),
+                                           "results": table})
         write_text(out / "curves.tsv", "\n".join(curves) + "\n")
         print(json.dumps({name: table[name]}), flush=True)
     print(format_table(table))

@@ -10,7 +10,6 @@ those are right. Writes reports/bench/labelling.json.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import shutil
@@ -19,6 +18,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+import click
 
 from pipeline.data.captcha_style import Renderer
 from pipeline.data.label_log import read_answers
@@ -114,26 +115,27 @@ def auto_labels(folder: Path, model: Path, truth: dict[str, str], threshold: flo
             "left_for_a_person": len(truth) - count}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=Path("models/model.pt"))
-    parser.add_argument("--params", default="params.yaml", help="the data style to render")
-    parser.add_argument("--n", type=int, default=200)
-    parser.add_argument("--accept-above", type=float, default=0.99)
-    parser.add_argument("--out", type=Path, default=Path("reports/bench/labelling.json"))
-    parser.add_argument("--folder", type=Path, help="render into this (new) folder and keep it, labels.csv included")
-    args = parser.parse_args()
-    params = load_params(args.params)
-    if args.folder:
-        args.folder.mkdir(parents=True)  # a new folder: nothing in it but these captchas
-    folder = args.folder or Path(tempfile.mkdtemp())
-    truth = render_folder(folder, args.n, params)
-    report = {"date": time.strftime("%Y-%m-%d"), "model": str(args.model),
-              "browser": scripted_session(folder, args.model, truth),
-              "accept_above": auto_labels(folder, args.model, truth, args.accept_above)}
-    if not args.folder:
+@click.command(help=__doc__)
+@click.option("--model", type=click.Path(path_type=Path), default=Path("models/model.pt"), show_default=True)
+@click.option("--params", "params_path", default="params.yaml", show_default=True, help="the data style to render")
+@click.option("--n", default=200, show_default=True)
+@click.option("--accept-above", default=0.99, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("reports/bench/labelling.json"), show_default=True)
+@click.option("--folder", type=click.Path(path_type=Path), default=None,
+              help="render into this (new) folder and keep it, labels.csv included")
+def main(model, params_path, n, accept_above, out, folder) -> None:
+    params = load_params(params_path)
+    keep = folder is not None
+    if keep:
+        folder.mkdir(parents=True)  # a new folder: nothing in it but these captchas
+    folder = folder or Path(tempfile.mkdtemp())
+    truth = render_folder(folder, n, params)
+    report = {"date": time.strftime("%Y-%m-%d"), "model": str(model),
+              "browser": scripted_session(folder, model, truth),
+              "accept_above": auto_labels(folder, model, truth, accept_above)}
+    if not keep:
         shutil.rmtree(folder)
-    write_json(args.out, report)
+    write_json(out, report)
     print(json.dumps(report, indent=1))
 
 

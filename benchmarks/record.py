@@ -10,7 +10,6 @@ it used to --params-out and prints the `dvc exp run` line that reproduces the ru
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import subprocess
@@ -18,28 +17,11 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.files import write_json, write_text
-from pipeline.model.settings import load_model_params as load_params
-from pipeline.params import dump_yaml, parse_value, read_yaml
+import click
 
-
-def set_dotted(tree: dict, key: str, value) -> None:
-    *parents, leaf = key.split(".")
-    for name in parents:
-        tree = tree.setdefault(name, {})
-    tree[leaf] = value
-
-
-def parse_override(text: str) -> tuple[str, object]:
-    key, sep, value = text.partition("=")
-    if not sep:
-        raise SystemExit(f"--set: expected KEY=VALUE, got {text!r}")
-    return key, parse_value(value)  # as params.yaml is read: YAML 1.2 floats
-
-
-def write_params(raw: dict, path: Path) -> None:
-    write_text(path, dump_yaml(raw))
-    load_params(path)  # validated like any params file
+from benchmarks.common import parse_override, set_dotted, write_params
+from pipeline.files import write_json
+from pipeline.params import read_yaml
 
 
 def stage(*args: str) -> None:
@@ -57,51 +39,49 @@ def exp_run_line(settings: dict) -> str:
     return "dvc exp run " + " ".join(f"-S {shlex.quote(f'{key}={text(value)}')}" for key, value in settings.items())
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--generate-minutes", type=float, required=True)
-    parser.add_argument("--train-minutes", type=float, required=True, help="becomes train.max_minutes")
-    parser.add_argument("--chunk-shards", type=int, default=64, help="train shards rendered per generate call")
-    parser.add_argument("--params-out", type=Path, default=Path("reports/record-params.yaml"))
-    parser.add_argument("--summary-out", type=Path, default=Path("reports/record.json"))
-    args = parser.parse_args()
-
+@click.command(help=__doc__)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="a params value, e.g. model.fast.height=64")
+@click.option("--generate-minutes", type=float, required=True)
+@click.option("--train-minutes", type=float, required=True, help="becomes train.max_minutes")
+@click.option("--chunk-shards", type=int, default=64, show_default=True, help="train shards rendered per generate call")
+@click.option("--params-out", type=click.Path(path_type=Path), default=Path("reports/record-params.yaml"), show_default=True)
+@click.option("--summary-out", type=click.Path(path_type=Path), default=Path("reports/record.json"), show_default=True)
+def main(overrides, generate_minutes, train_minutes, chunk_shards, params_out, summary_out) -> None:
     raw = read_yaml(Path("params.yaml"))
-    overrides = dict(parse_override(o) for o in args.overrides)
+    overrides = dict(parse_override(o) for o in overrides)
     for key, value in overrides.items():
         set_dotted(raw, key, value)
     shard_size = raw["data"]["shard_size"]
-    plan_path = args.params_out.with_suffix(".plan.yaml")
+    plan_path = params_out.with_suffix(".plan.yaml")
     set_dotted(raw, "data.splits.train", 10_000 * shard_size)  # an upper bound; only a prefix is rendered
     write_params(raw, plan_path)
 
     started = time.perf_counter()
-    deadline = started + args.generate_minutes * 60
+    deadline = started + generate_minutes * 60
     rendered, chunk_seconds = 0, 0.0
     while rendered == 0 or time.perf_counter() + chunk_seconds < deadline:
         t = time.perf_counter()
-        stage("generate", "--params", str(plan_path), "--quiet", "--shards", f"{rendered}:{rendered + args.chunk_shards}")
-        rendered += args.chunk_shards
+        stage("generate", "--params", str(plan_path), "--quiet", "--shards", f"{rendered}:{rendered + chunk_shards}")
+        rendered += chunk_shards
         chunk_seconds = time.perf_counter() - t
     train_images = rendered * shard_size
     generate_seconds = time.perf_counter() - started
 
     set_dotted(raw, "data.splits.train", train_images)
-    set_dotted(raw, "train.max_minutes", args.train_minutes)
-    write_params(raw, args.params_out)
-    stage("generate", "--params", str(args.params_out), "--quiet", "--shards", f"{rendered}:")  # val, test
-    stage("generate", "--params", str(args.params_out), "--manifest-only")
+    set_dotted(raw, "train.max_minutes", train_minutes)
+    write_params(raw, params_out)
+    stage("generate", "--params", str(params_out), "--quiet", "--shards", f"{rendered}:")  # val, test
+    stage("generate", "--params", str(params_out), "--manifest-only")
     data_seconds = time.perf_counter() - started
 
     t = time.perf_counter()
-    stage("train", "--params", str(args.params_out), "--quiet")
+    stage("train", "--params", str(params_out), "--quiet")
     train_wall = time.perf_counter() - t
     t = time.perf_counter()
-    stage("evaluate", "--params", str(args.params_out), "--quiet")
+    stage("evaluate", "--params", str(params_out), "--quiet")
     evaluate_wall = time.perf_counter() - t
 
-    final = {**overrides, "data.splits.train": train_images, "train.max_minutes": args.train_minutes}
+    final = {**overrides, "data.splits.train": train_images, "train.max_minutes": train_minutes}
     summary = {
         "train_images": train_images, "generate_seconds": round(generate_seconds, 1),
         "generate_images_per_second": round(train_images / generate_seconds, 1),
@@ -112,7 +92,7 @@ def main() -> None:
         "metrics": {k: v for k, v in json.loads(Path("reports/metrics.json").read_text()).items()
                     if isinstance(v, (int, float, str))},
     }
-    write_json(args.summary_out, summary)
+    write_json(summary_out, summary)
     print(json.dumps(summary, indent=1))
 
 

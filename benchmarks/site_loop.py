@@ -18,16 +18,12 @@ benchmarks/labelling.py counts them: the characters, then Enter).
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import logging
 import os
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -35,9 +31,11 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import click
 from flask import Flask, request
 from werkzeug.serving import make_server
 
+from benchmarks.common import host_kind, serve_process, wait_for_model
 from benchmarks.yardstick import (
     ALPHABETS,
     accuracy,
@@ -89,24 +87,6 @@ def post_json(url: str, obj) -> dict:
     return json.loads(call(url, json.dumps(obj).encode(), {"Content-Type": "application/json"})[0])
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_sha(serve_url: str, sha: str, seconds: float = 120) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            if json.loads(call(f"{serve_url}/model")[0])["model_sha256"] == sha:
-                return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"serve did not come up with model {sha[:12]}")
-
-
 def play_round(site_url: str, serve_url: str, n: int, alphabet: str, style: str, want_truth: bool) -> dict:
     """n captchas from the site, each read by serve, answered, and its verdict fed back. `truth`:
     what a person would read on each kept image (for --human: the site's label, by its index)."""
@@ -138,67 +118,61 @@ def label_rejected(kept: Path, model: Path, truth_of: dict[str, str]) -> int:
     return keystrokes
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--style", default="serif")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--per-round", type=int, default=1000)
-    parser.add_argument("--minutes", type=float, default=2.0, help="training budget of each retrain")
-    parser.add_argument("--test", type=int, default=500, help="test captchas of the style, never in the loop")
-    parser.add_argument("--human", action="store_true", help="a person labels the rejected captchas after each round")
-    parser.add_argument("--out", type=Path, default=Path("reports/bench/site_loop.json"))
-    args = parser.parse_args()
+@click.command(help=__doc__)
+@click.option("--style", default="serif", show_default=True)
+@click.option("--rounds", default=5, show_default=True)
+@click.option("--per-round", default=1000, show_default=True)
+@click.option("--minutes", default=2.0, show_default=True, help="training budget of each retrain")
+@click.option("--test", "test_n", default=500, show_default=True, help="test captchas of the style, never in the loop")
+@click.option("--human", is_flag=True, help="a person labels the rejected captchas after each round")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("reports/bench/site_loop.json"), show_default=True)
+def main(style, rounds, per_round, minutes, test_n, human, out) -> None:
     repo = Path(__file__).resolve().parents[1]
-    alphabet = ALPHABETS[args.style].upper()
-    test = render_style(args.style, "test", args.test)
+    alphabet = ALPHABETS[style].upper()
+    test = render_style(style, "test", test_n)
     test_labels, test_images = [t for t, _ in test], [p for _, p in test]
 
     work = Path(tempfile.mkdtemp(prefix="site-loop-"))
     kept, served = work / "kept", work / "served.pt"
     packaged_trunk(served, repo)  # the best zero-shot start: ddddocr's reader cut to 0-9A-Z
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not a line per request
-    site = make_server("127.0.0.1", 0, site_app(args.style), threaded=True)
+    site = make_server("127.0.0.1", 0, site_app(style), threaded=True)
     threading.Thread(target=site.serve_forever, daemon=True).start()
     site_url = f"http://127.0.0.1:{site.server_port}"
-    port = free_port()
-    serve_url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--model", str(served), "--port", str(port),
-                               "--workers", "1", "--torch", "--keep", str(kept)], stderr=subprocess.DEVNULL)
-    report = {"date": time.strftime("%Y-%m-%d"), "style": args.style, "per_round": args.per_round,
-              "minutes": args.minutes, "human": args.human, "test_n": args.test, "rounds": []}
+    report = {"date": time.strftime("%Y-%m-%d"), "host": host_kind(), "style": style, "per_round": per_round,
+              "minutes": minutes, "human": human, "test_n": test_n, "rounds": []}
     try:
-        wait_for_sha(serve_url, file_sha256(served))
-        readings, _ = read_with_model(served, test_images, ALPHABETS[args.style])
-        print(f"zero-shot: test {accuracy(test_labels, readings):.3f}", flush=True)
-        report["zero_shot_test_accuracy"] = accuracy(test_labels, readings)
-        keystrokes = 0
-        for round_number in range(1, args.rounds + 1):
-            played = play_round(site_url, serve_url, args.per_round, alphabet, args.style, args.human)
-            if args.human:
-                keystrokes += label_rejected(kept, served, played["truth"])
-            answers = read_answers(kept / "labels.csv")
-            labels = sum(a.status in LABELLING for a in answers.values())
-            started = time.perf_counter()
-            # round 1 starts from the trunk, each later one from the model being served: the loop's
-            # training adds up, on every label so far
-            start = served if round_number > 1 else None
-            tuned = fine_tune(start, start, [], args.minutes, work / f"round-{round_number}", repo,
-                              trunk=start is None, labels_csv=kept / "labels.csv")
-            train_minutes = (time.perf_counter() - started) / 60
-            readings, _ = read_with_model(tuned, test_images, ALPHABETS[args.style])
-            shutil.copy(tuned, work / "next.pt")
-            os.replace(work / "next.pt", served)  # whole, then renamed, as the train stage writes it
-            server.send_signal(signal.SIGHUP)
-            wait_for_sha(serve_url, file_sha256(served))
-            row = {"round": round_number, "site_accepted": played["accepted"] / played["answered"],
-                   "labels": labels, "keystrokes": keystrokes, "test_accuracy_after": accuracy(test_labels, readings),
-                   "retrain_minutes": round(train_minutes, 2), "play_seconds": played["seconds"]}
-            report["rounds"].append(row)
-            print(json.dumps(row), flush=True)
-            write_json(args.out, report)
+        with serve_process(served, "--workers", "1", "--torch", "--keep", str(kept)) as (serve_url, server):
+            readings, _ = read_with_model(served, test_images, ALPHABETS[style])
+            print(f"zero-shot: test {accuracy(test_labels, readings):.3f}", flush=True)
+            report["zero_shot_test_accuracy"] = accuracy(test_labels, readings)
+            keystrokes = 0
+            for round_number in range(1, rounds + 1):
+                played = play_round(site_url, serve_url, per_round, alphabet, style, human)
+                if human:
+                    keystrokes += label_rejected(kept, served, played["truth"])
+                answers = read_answers(kept / "labels.csv")
+                labels = sum(a.status in LABELLING for a in answers.values())
+                started = time.perf_counter()
+                # round 1 starts from the trunk, each later one from the model being served: the loop's
+                # training adds up, on every label so far
+                start = served if round_number > 1 else None
+                tuned = fine_tune(start, start, [], minutes, work / f"round-{round_number}", repo,
+                                  trunk=start is None, labels_csv=kept / "labels.csv")
+                train_minutes = (time.perf_counter() - started) / 60
+                readings, _ = read_with_model(tuned, test_images, ALPHABETS[style])
+                shutil.copy(tuned, work / "next.pt")
+                os.replace(work / "next.pt", served)  # whole, then renamed, as the train stage writes it
+                server.send_signal(signal.SIGHUP)
+                wait_for_model(serve_url, file_sha256(served))
+                row = {"round": round_number, "site_accepted": played["accepted"] / played["answered"],
+                       "labels": labels, "keystrokes": keystrokes,
+                       "test_accuracy_after": accuracy(test_labels, readings),
+                       "retrain_minutes": round(train_minutes, 2), "play_seconds": played["seconds"]}
+                report["rounds"].append(row)
+                print(json.dumps(row), flush=True)
+                write_json(out, report)
     finally:
-        server.terminate()
-        server.wait()
         site.shutdown()
         shutil.rmtree(work, ignore_errors=True)
     print(format_table(report))

@@ -6,7 +6,6 @@ comparison a ratio of runs taken side by side. Writes reports/bench.json and pri
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -19,9 +18,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+import click
 import numpy as np
 import torch
 
+from benchmarks.common import serve_process
 from pipeline.charset import Charset
 from pipeline.data.captcha_style import Renderer
 from pipeline.data.shards import read_manifest, split_shards
@@ -193,30 +194,20 @@ def inference(model_path: Path, runs: int) -> dict:
 
 # -- HTTP service ----------------------------------------------------------------------------
 
-def http_load(model_path: Path, seconds: float, clients: int, workers: int) -> dict:
-    import socket
-    import subprocess
-    import sys
+def request_bodies(style: str, n: int = 32) -> list[bytes]:
+    """What the HTTP clients send: captchas of the default style, or of a yardstick style."""
+    if style == "captcha":
+        renderer = Renderer(128, 64)
+        return [renderer.png(f"{i:04d}", i) for i in range(n)]
+    from benchmarks.yardstick import render_style
 
+    return [png for _, png in render_style(style, "speed", n)]
+
+
+def http_load(model_path: Path, seconds: float, clients: int, workers: int, bodies: list[bytes]) -> dict:
     import psutil
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--model", str(model_path),
-                               "--port", str(port), "--workers", str(workers), "--threads", "16"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(300):
-            try:
-                urllib.request.urlopen(f"{url}/healthz", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.1)
-        renderer = Renderer(128, 64)
-        bodies = [renderer.png(f"{i:04d}", i) for i in range(32)]
-
+    with serve_process(model_path, "--workers", str(workers), "--threads", "16") as (url, server):
         def request(body):
             req = urllib.request.Request(f"{url}/predict", data=body, headers={"Content-Type": "image/png"})
             t = time.perf_counter()
@@ -253,9 +244,6 @@ def http_load(model_path: Path, seconds: float, clients: int, workers: int) -> d
             t.join()
         elapsed = time.perf_counter() - started
         rss_after = proc.memory_info().rss
-    finally:
-        server.terminate()
-        server.wait()
     lat = np.array(latencies) * 1e3
     return {"clients": clients, "workers": workers, "seconds": round(elapsed, 1), "requests": len(lat),
             "requests_per_second": len(lat) / elapsed, "p50_ms": float(np.percentile(lat, 50)),
@@ -264,54 +252,60 @@ def http_load(model_path: Path, seconds: float, clients: int, workers: int) -> d
             "rss_mb_before": rss_before / 2**20, "rss_mb_after": rss_after / 2**20}
 
 
-def bench_http(model_path: Path, seconds: float, clients: int = 16) -> dict:
+def bench_http(model_path: Path, seconds: float, clients: int = 16, style: str = "captcha") -> dict:
     """16 clients against `serve` with one worker and with the default (one per core), in turn."""
     from pipeline.serving.supervisor import default_workers
 
+    bodies = request_bodies(style)
     report = {}
     for workers in sorted({1, default_workers()}):
-        print(f"HTTP, {workers} worker(s) ...", flush=True)
-        report[f"{workers}_workers"] = http_load(model_path, seconds, clients, workers)
+        print(f"HTTP, {model_path}, {workers} worker(s) ...", flush=True)
+        report[f"{workers}_workers"] = {"model": str(model_path), "style": style,
+                                        **http_load(model_path, seconds, clients, workers, bodies)}
         print(json.dumps(report[f"{workers}_workers"], indent=1), flush=True)
     return report
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="fewer runs and shorter loads (smoke run)")
-    parser.add_argument("--model", default="models/model.pt", help="checkpoint for inference and HTTP")
-    parser.add_argument("--params", default="params.yaml", help="data, model and train settings")
-    parser.add_argument("--out", default="reports/bench.json")
-    parser.add_argument("--tables", metavar="REPORT", help="only print the tables of a saved report")
-    parser.add_argument("--cuda-only", action="store_true", help="only the CUDA training rates")
-    parser.add_argument("--http-only", action="store_true", help="only the HTTP load (needs --model)")
-    args = parser.parse_args()
-    if args.tables:
-        print(format_tables(json.loads(Path(args.tables).read_text())))
+@click.command(help=__doc__)
+@click.option("--quick", is_flag=True, help="fewer runs and shorter loads (smoke run)")
+@click.option("--model", "models", multiple=True, default=["models/model.pt"], show_default=True,
+              help="checkpoint for inference and HTTP; with --http-only, repeat it to load each in turn")
+@click.option("--params", "params_path", default="params.yaml", show_default=True,
+              help="data, model and train settings")
+@click.option("--style", default="captcha", show_default=True,
+              help="the images the HTTP clients send: captcha (the default style) or a yardstick style")
+@click.option("--out", default="reports/bench.json", show_default=True)
+@click.option("--tables", metavar="REPORT", help="only print the tables of a saved report")
+@click.option("--cuda-only", is_flag=True, help="only the CUDA training rates")
+@click.option("--http-only", is_flag=True, help="only the HTTP load (needs --model)")
+def main(quick, models, params_path, style, out, tables, cuda_only, http_only):
+    if tables:
+        print(format_tables(json.loads(Path(tables).read_text())))
         return
-    runs = 1 if args.quick else 3
-    params = load_params(args.params)
+    runs = 1 if quick else 3
+    params = load_params(params_path)
     report = {"date": time.strftime("%Y-%m-%d"), "machine": machine()}
     if torch.cuda.is_available():
         report["machine"]["gpu"] = torch.cuda.get_device_name(0)
         print("CUDA training step per arch ...", flush=True)
         report["cuda_training_images_per_second"] = bench_cuda_training(params, runs)
-    elif args.cuda_only:
-        parser.error("--cuda-only: torch sees no CUDA device")
-    if args.cuda_only:  # the GPU rows alone, for a GPU machine without the serving packages
-        write_json(Path(args.out), report)
+    elif cuda_only:
+        raise click.UsageError("--cuda-only: torch sees no CUDA device")
+    if cuda_only:  # the GPU rows alone, for a GPU machine without the serving packages
+        write_json(Path(out), report)
         print(format_tables(report))
-        print(f"wrote {args.out}")
+        print(f"wrote {out}")
         return
 
-    if args.http_only:
-        report["http"] = bench_http(Path(args.model), 5 if args.quick else 30)
-        write_json(Path(args.out), report)
+    if http_only:  # each model in turn, in one run: side by side on one machine
+        report["http"] = {f"{Path(m).stem} {k}": v for m in models
+                          for k, v in bench_http(Path(m), 5 if quick else 30, style=style).items()}
+        write_json(Path(out), report)
         print(format_tables(report))
         return
 
     print("generation ...", flush=True)
-    report["generation"] = bench_generation(params, runs, 200 if args.quick else 2000)
+    report["generation"] = bench_generation(params, runs, 200 if quick else 2000)
     print(json.dumps(report["generation"], indent=1), flush=True)
 
     print("training step per arch and precision ...", flush=True)
@@ -320,7 +314,7 @@ def main():
         model_params = params.model.with_arch(arch)
         for precision in ("fp32", "bf16"):
             training[f"{arch}/{precision}"] = median_of(
-                runs, lambda: train_rate(params, model_params, precision, 64, 3 if args.quick else 5))
+                runs, lambda: train_rate(params, model_params, precision, 64, 3 if quick else 5))
             print(f"  {arch}/{precision}: {training[f'{arch}/{precision}']:.0f} img/s", flush=True)
     fast = params.model.with_arch("fast")
     training["fast/bf16/contiguous"] = median_of(
@@ -345,7 +339,7 @@ def main():
                 print(f"  {arch}, {workers} workers: {loading[f'{arch}/{workers}_workers']:.0f} img/s", flush=True)
     report["loader_images_per_second"] = loading
 
-    model_path = Path(args.model)
+    model_path = Path(models[0])
     if not model_path.exists():
         print(f"{model_path} missing: inference figures use an untrained default model", flush=True)
         model_path = Path(tempfile.mkdtemp()) / "model.pt"
@@ -356,10 +350,10 @@ def main():
     print("inference ...", flush=True)
     report["inference"] = inference(model_path, runs)
     print(json.dumps(report["inference"], indent=1), flush=True)
-    report["http"] = bench_http(model_path, 5 if args.quick else 30)
-    write_json(Path(args.out), report)
+    report["http"] = bench_http(model_path, 5 if quick else 30, style=style)
+    write_json(Path(out), report)
     print(format_tables(report))
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
 
 
 def cuda_rates(cuda: dict, arch: str) -> list[str]:
@@ -413,7 +407,8 @@ def format_tables(report: dict) -> str:
 def format_http(http: dict) -> list[str]:
     out = []
     for h in http.values() if "clients" not in http else [http]:  # older reports hold one run
-        out.append(f"HTTP, {h['clients']} clients for {h['seconds']} s, `--workers {h.get('workers', 1)}`: "
+        model = f"{h['model']} ({h['style']}), " if "model" in h else ""
+        out.append(f"HTTP, {model}{h['clients']} clients for {h['seconds']} s, `--workers {h.get('workers', 1)}`: "
                    f"{h['requests_per_second']:.0f} requests/s, p50 {h['p50_ms']:.0f} ms, p99 {h['p99_ms']:.0f} ms, "
                    f"{h['requests']:,} requests, {h['errors_5xx']} 5xx, RSS of one process "
                    f"{h['rss_mb_before']:.0f} -> {h['rss_mb_after']:.0f} MB")

@@ -35,7 +35,6 @@ import json
 import multiprocessing
 import os
 import random
-import shlex
 import shutil
 import string
 import tempfile
@@ -46,7 +45,7 @@ from typing import Callable
 import click
 from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont
 
-from benchmarks.record import parse_override, set_dotted
+from benchmarks.common import host_kind, parse_override, parse_variant, set_dotted
 from pipeline.data.captcha_style import Renderer
 from pipeline.data.mixed_style import YARDSTICK_FONT
 from pipeline.data.seeds import derive_seed
@@ -303,13 +302,6 @@ def run_report(workdir: Path) -> dict:
         "history": history}
 
 
-def parse_variant(text: str) -> tuple[str, dict]:
-    """'NAME KEY=VALUE ...' -> (NAME, {dotted params key: value}); `unlabelled=M` (not a params key)
-    adds M unlabelled captchas of the style to the ingested folder."""
-    name, *settings = shlex.split(text)
-    return name, dict(parse_override(s) for s in settings)
-
-
 @click.command(help=__doc__)
 @click.option("--model", "models_given", multiple=True,
               help=f"checkpoint(s) to score zero-shot, or {TRUNK!r}: the packaged trunk; the first is fine-tuned")
@@ -409,13 +401,6 @@ def fine_tune_run(style: str, n_labels: int, seed: int, variant: dict, common: d
         took = time.perf_counter() - started
         readings, _ = read_with_model(tuned, test_images, ALPHABETS[style])
         return {"readings": readings, "minutes_with_ingest": round(took / 60, 2), **run_report(Path(tmp))}
-
-
-def host_kind() -> str:
-    """'bf16' where the CPU computes in bf16 natively (avx512_bf16 or AMX), else 'AVX2-only'."""
-    import torch
-
-    return "bf16" if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported() else "AVX2-only"
 
 
 def format_table(report: dict) -> str:

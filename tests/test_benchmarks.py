@@ -143,3 +143,11 @@ def test_the_simulated_site_judges_each_captcha_once_from_its_true_label():
     assert client.post("/answer", json={"id": "1", "text": label}).json == {"correct": False}  # once
     assert client.post("/answer", json={"id": "0", "text": label + "X"}).json == {"correct": False}
     assert client.get("/captcha").headers["X-Captcha-Id"] == "2"  # answered ids are never issued again
+
+
+def test_the_http_load_runs_a_real_serve_process(tiny_dataset):
+    from benchmarks.speed import http_load, request_bodies
+
+    result = http_load(tiny_dataset / "models/model.pt", seconds=1.0, clients=2, workers=1,
+                       bodies=request_bodies("captcha", 4))
+    assert result["requests"] >= 4 and result["non_200"] == 0 and result["requests_per_second"] > 0

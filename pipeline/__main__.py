@@ -13,7 +13,7 @@ import click  # noqa: E402
 
 COMMANDS = {
     "generate": "pipeline.stages.generate", "ingest": "pipeline.stages.ingest", "train": "pipeline.stages.train",
-    "evaluate": "pipeline.stages.evaluate", "export": "pipeline.stages.export", "predict": "pipeline.tools.predict",
+    "teach": "pipeline.stages.teach", "evaluate": "pipeline.stages.evaluate", "export": "pipeline.stages.export", "predict": "pipeline.tools.predict",
     "serve": "pipeline.tools.serve", "label": "pipeline.tools.label", "profile": "pipeline.tools.profile",
 }
 

@@ -7,6 +7,8 @@ from pathlib import Path
 SHARDS = Path("data/shards")
 MANIFEST = Path("data/manifest.parquet")
 INGEST_REPORT = Path("reports/ingest.json")
+TEACHER = Path("data/teacher")
+TEACH_REPORT = Path("reports/teach.json")
 MODEL = Path("models/model.pt")
 LAST = Path("models/last.pt")
 TRAIN_SUMMARY = Path("reports/train.json")

@@ -242,6 +242,7 @@ class TrainParams:
     pseudo_rounds: int  # rounds of self-training on the sources' unlabelled samples; 0: none
     pseudo_precision: float  # pseudo-labels are the readings at least this often right on val
     consistency: float  # weight of the loss on unlabelled captchas' strong views (FixMatch); 0: none
+    distill: float  # weight of the pull toward a teacher's per-step probabilities (the sources' soft split); 0: none
     sources: dict[str, int]  # manifest -> repeats of its training shards per epoch
 
     def check(self, prefix: str) -> None:
@@ -264,6 +265,7 @@ class TrainParams:
             require(getattr(self, name) >= 0, f"{prefix}.{name}", f"must be >= 0, got {getattr(self, name)}")
         require(self.pseudo_rounds >= 0, f"{prefix}.pseudo_rounds", f"must be >= 0, got {self.pseudo_rounds}")
         require(self.consistency >= 0, f"{prefix}.consistency", f"must be >= 0, got {self.consistency}")
+        require(self.distill >= 0, f"{prefix}.distill", f"must be >= 0, got {self.distill}")
         require(0 < self.pseudo_precision <= 1, f"{prefix}.pseudo_precision",
                 f"must be in (0, 1], got {self.pseudo_precision}")
         require(bool(self.sources), f"{prefix}.sources", "name at least one manifest, e.g. {data/manifest.parquet: 1}")
@@ -348,12 +350,28 @@ class IngestParams:
         require("label" in rx.groupindex, f"{prefix}.pattern", "needs a named group (?P<label>...)")
 
 
+@dataclass(frozen=True)
+class TeachParams:
+    model: str  # the teacher checkpoint (e.g. under pretrained/); empty: nothing taught
+    precision: float  # its readings become labels above the confidence at which val readings are this often right
+    soft: bool  # also keep its per-step probabilities of every unlabelled captcha (train.distill)
+    batch_size: int
+    shard_size: int
+
+    def check(self, prefix: str) -> None:
+        require(0 < self.precision <= 1, f"{prefix}.precision", f"must be in (0, 1], got {self.precision}")
+        _positive(self, prefix, "batch_size", "shard_size")
+        _at_most(self, prefix, 65536, "batch_size")
+        _at_most(self, prefix, 10**6, "shard_size")
+
+
 SECTIONS = {
     "data": DataParams,
     "train": TrainParams,
     "evaluate": EvaluateParams,
     "export": ExportParams,
     "ingest": IngestParams,
+    "teach": TeachParams,
 }
 
 
@@ -365,6 +383,7 @@ class Params:
     evaluate: EvaluateParams
     export: ExportParams
     ingest: IngestParams
+    teach: TeachParams
 
     @property
     def label_max_length(self) -> int:

@@ -252,7 +252,7 @@ def test_nothing_is_rendered_when_training_reads_no_synthetic_data(tmp_path, mon
     assert [p.name for p in Path("data/shards").iterdir()] == ["NOT_RENDERED"]
 
 
-@pytest.mark.parametrize("name", ["general", "finetune"])
+@pytest.mark.parametrize("name", ["general", "finetune", "student"])
 def test_profiles_write_their_keys_and_keep_the_rest(tmp_path, monkeypatch, name):
     import shutil
 

@@ -282,7 +282,7 @@ def test_a_failing_ingest_leaves_the_previous_one_untouched(workdir, monkeypatch
     as they were, since the new ones are swapped in only once complete."""
     import os
 
-    from pipeline.stages import ingest as ingest_stage
+    from pipeline.data import shards as shards_module
 
     folder = workdir / "captchas"
     folder.mkdir()
@@ -307,7 +307,7 @@ def test_a_failing_ingest_leaves_the_previous_one_untouched(workdir, monkeypatch
     def full_disk(*args, **kwargs):
         raise PipelineError("data/ingest/manifest.parquet: cannot write (No space left on device)")
 
-    monkeypatch.setattr(ingest_stage, "write_manifest", full_disk)
+    monkeypatch.setattr(shards_module, "write_manifest", full_disk)
     with pytest.raises(PipelineError, match="No space left"):
         ingest(params.data, params.ingest, source=folder, skip_invalid=True)
     assert snapshot() == before

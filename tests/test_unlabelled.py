@@ -18,10 +18,11 @@ from pipeline.errors import ParamsError
 from pipeline.model import checkpoint
 from pipeline.model.settings import load_model_params
 from pipeline.params import load_params
+from pipeline.read.metrics import confidence_threshold
 from pipeline.stages.ingest import ingest
 from pipeline.stages.train import train
 from pipeline.training import self_training
-from pipeline.training.self_training import confidence_threshold, write_pseudo_shard
+from pipeline.training.self_training import write_pseudo_shard
 from tests.conftest import digits_site, fine_tune_params, write_params
 from tests.helpers import encode
 

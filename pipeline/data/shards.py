@@ -11,21 +11,23 @@ import hashlib
 import io
 import json
 import multiprocessing
+import os
 import struct
 import tarfile
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import PipelineError
-from pipeline.files import atomic_write
+from pipeline.files import atomic_write, folder_lock
 
 SPLITS = ("train", "val", "test")
 UNLABELLED = "unlabelled"  # ingest.unlabelled: images without a label, for self-training only
+SOFT = "soft"  # teach.soft: unlabelled images with a teacher's per-step probabilities (`.npy`), for train.distill
 
 
 def shard_path(root: Path, split: str, index: int) -> Path:
@@ -38,23 +40,59 @@ class Sample:
     png: bytes
     label: str
     meta: dict
+    extra: dict = field(default_factory=dict)  # more members, extension -> bytes (e.g. npy: a teacher's readings)
 
 
 def write_shard(path: Path, samples: Iterable[Sample]) -> None:
     """Write samples as a WebDataset tar with fixed headers, so equal samples give equal bytes:
-    members `<key>.json`, `.png`, `.txt` in that order, each mode 0444, mtime 0, no owner names
-    (the bytes webdataset's TarWriter writes, without importing it: it imports torch)."""
+    members `<key>.json`, `.png`, `.txt` and any extra ones, by extension in alphabetical order,
+    each mode 0444, mtime 0, no owner names (the bytes webdataset's TarWriter writes, without
+    importing it: it imports torch)."""
 
     def write(f):
         with tarfile.open(fileobj=f, mode="w|") as tar:
             for s in samples:
                 meta = json.dumps(s.meta, sort_keys=True, separators=(",", ":")).encode("utf-8")
-                for ext, data in (("json", meta), ("png", s.png), ("txt", s.label.encode("utf-8"))):
+                members = {"json": meta, "png": s.png, "txt": s.label.encode("utf-8"), **s.extra}
+                for ext, data in sorted(members.items()):
                     info = tarfile.TarInfo(f"{s.key}.{ext}")
                     info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o444, "", ""
                     tar.addfile(info, io.BytesIO(data))
 
     atomic_write(path, write)
+
+
+def write_dataset(out: Path, splits: dict[str, list], shard_size: int, to_sample: Callable[[object], Sample]) -> None:
+    """`out`/shards/<split>/*.tar and `out`/manifest.parquet, written in a folder of their own beside
+    `out` and swapped in whole once complete, under `out`'s lock: whatever fails before (a full
+    disk, a kill), the previous dataset stays as it was, and two writers never interleave. Items
+    become samples (`to_sample`) as their shard is written."""
+    import shutil
+
+    with folder_lock(out, exclusive=True):
+        for stale in out.parent.glob(f".{out.name}.new-*"):  # left by killed runs: none can be running
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = out.parent / f".{out.name}.new-{os.getpid()}"
+        try:
+            jobs = []
+            for split, items in splits.items():
+                for index, start in enumerate(range(0, len(items), shard_size)):
+                    path = shard_path(staging / "shards", split, index)
+                    write_shard(path, (to_sample(item) for item in items[start:start + shard_size]))
+                    jobs.append((str(path), split))
+            rows = scan_shards(jobs, workers=1)
+            for row in rows:  # the manifest names the shards where they will be
+                row["shard"] = str(out / Path(row["shard"]).relative_to(staging))
+            write_manifest(rows, staging / "manifest.parquet")
+            if out.exists():
+                old = out.parent / f".{out.name}.new-{os.getpid()}-old"
+                os.replace(out, old)
+                os.replace(staging, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(staging, out)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def png_size(png: bytes) -> tuple[int, int]:

@@ -23,13 +23,15 @@ class ShardStream(IterableDataset):
     sample's augmentation draws from its own stream, seeded by (seed, epoch, key). The epoch is
     shared memory so that persistent workers see `set_epoch`.
 
-    `transform(png_bytes, label, augment_rng)` runs in the workers and returns (image array, target ids);
+    `transform(png_bytes, label, augment_rng, *members)` runs in the workers and returns (image array,
+    target ids); `members` are the bytes of the extra members named by `members` (e.g. "npy");
     batches are (images, targets, target_lengths, labels, keys).
     """
 
     def __init__(self, shards: list[str], transform, batch_size: int, shuffle: bool = False,
-                 shuffle_buffer: int = 2000, seed: int = 0):
+                 shuffle_buffer: int = 2000, seed: int = 0, members: tuple[str, ...] = ()):
         self.shards = list(shards)
+        self.members = members
         self.transform = transform
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -58,7 +60,8 @@ class ShardStream(IterableDataset):
             try:
                 label = sample["txt"].decode("utf-8")
                 augment_rng = random.Random(derive_seed(self.seed, "augment", epoch, key))
-                return (*self.transform(sample["png"], label, augment_rng), label, key)
+                extra = [sample[m] for m in self.members]
+                return (*self.transform(sample["png"], label, augment_rng, *extra), label, key)
             except Exception as e:  # noqa: BLE001 - whatever is wrong with it, name the sample
                 reason = f"no {e} member" if isinstance(e, KeyError) else str(e).split(" (")[0]
                 raise DataError(f"{sample.get('__url__', '?')}: sample {key}: {reason}") from None
@@ -78,10 +81,15 @@ def stop_on_bad_shard(exn: Exception) -> bool:
 
 
 def collate(samples):
+    """Targets as class ids (lists: concatenated, with their lengths) or as arrays of one shape
+    (a teacher's per-step probabilities: stacked)."""
     images, targets, labels, keys = zip(*samples)
     lengths = torch.tensor([len(t) for t in targets], dtype=torch.long)
-    flat = torch.tensor([i for t in targets for i in t], dtype=torch.long)
-    return torch.from_numpy(np.stack(images)), flat, lengths, list(labels), list(keys)
+    if isinstance(targets[0], np.ndarray):
+        stacked = torch.from_numpy(np.stack(targets))
+    else:
+        stacked = torch.tensor([i for t in targets for i in t], dtype=torch.long)
+    return torch.from_numpy(np.stack(images)), stacked, lengths, list(labels), list(keys)
 
 
 def loader_workers(n_shards: int, world_size: int, workers: int, split: str, every_rank: bool = True) -> int:

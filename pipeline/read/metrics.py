@@ -1,6 +1,7 @@
 """Recognition metrics from (truth, prediction, confidence) triples."""
 from __future__ import annotations
 
+import math
 from collections import Counter, defaultdict
 
 
@@ -66,3 +67,21 @@ def compute_metrics(truths: list[str], preds: list[str], confidences: list[float
             "seq_accuracy": sum(kept) / len(kept) if kept else 0.0,
         }
     return metrics
+
+
+def confidence_threshold(readings: list[tuple[str, str, float]], precision: float) -> float:
+    """The lowest confidence t such that the (truth, reading, confidence) triples with confidence
+    >= t are right at least `precision` of the time; inf when no such t exists."""
+    ranked = sorted(readings, key=lambda r: -r[2])
+    threshold, right = math.inf, 0
+    for i, (truth, reading, confidence) in enumerate(ranked, 1):
+        right += truth == reading
+        # ties: every reading of this confidence is kept with it, so judge at the last of them
+        if right / i >= precision and (i == len(ranked) or ranked[i][2] < confidence):
+            threshold = confidence
+    return threshold
+
+
+def finite_or_none(threshold: float) -> float | None:
+    """A threshold as JSON holds it: None where no confidence is precise enough."""
+    return None if math.isinf(threshold) else round(threshold, 6)

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +23,9 @@ from pipeline.charset import fold_text
 from pipeline.cli import command, params_option, run
 from pipeline.data.images import ImageError, decode_image, read_image_file
 from pipeline.data.labelled_folders import list_folder
-from pipeline.data.shards import UNLABELLED, Sample, scan_shards, shard_path, write_manifest, write_shard
+from pipeline.data.shards import UNLABELLED, Sample, write_dataset
 from pipeline.errors import PipelineError
-from pipeline.files import check_writable, folder_lock, write_json
+from pipeline.files import check_writable, write_json
 from pipeline.params import DataParams, IngestParams, load_params
 
 
@@ -200,7 +198,7 @@ def ingest(data: DataParams, ip: IngestParams, source: Path | None = None, label
         splits[assign_split(c.digest, ip.fractions)].append(c)
     if ip.unlabelled:
         splits[UNLABELLED] = unlabelled
-    write_ingested(Path(ip.out), splits, ip)
+    write_dataset(Path(ip.out), splits, ip.shard_size, lambda c: _sample(c, ip.max_height))
     report.per_split = {k: len(v) for k, v in splits.items()}
     write_json(report_path, report.to_dict())
     print(f"ingested {len(kept)} images from {source}: " + ", ".join(f"{k} {v}" for k, v in report.per_split.items())
@@ -208,36 +206,6 @@ def ingest(data: DataParams, ip: IngestParams, source: Path | None = None, label
           + (f", {len(report.unlabelled)} not labelled yet" if report.unlabelled and not ip.unlabelled else ""),
           file=sys.stderr)
     return report.to_dict()
-
-
-def write_ingested(out: Path, splits: dict[str, list[Candidate]], ip: IngestParams) -> None:
-    """Shards and manifest, written in a folder of their own beside `out` and swapped in whole once
-    complete, under `out`'s lock: whatever fails before (a full disk, a kill), the previous ingest
-    stays as it was, and two ingests never interleave."""
-    with folder_lock(out, exclusive=True):
-        for stale in out.parent.glob(f".{out.name}.new-*"):  # left by killed runs: none can be running
-            shutil.rmtree(stale, ignore_errors=True)
-        staging = out.parent / f".{out.name}.new-{os.getpid()}"
-        try:
-            jobs = []
-            for split, items in splits.items():
-                for index, start in enumerate(range(0, len(items), ip.shard_size)):
-                    path = shard_path(staging / "shards", split, index)
-                    write_shard(path, (_sample(c, ip.max_height) for c in items[start:start + ip.shard_size]))
-                    jobs.append((str(path), split))
-            rows = scan_shards(jobs, workers=1)
-            for row in rows:  # the manifest names the shards where they will be
-                row["shard"] = str(out / Path(row["shard"]).relative_to(staging))
-            write_manifest(rows, staging / "manifest.parquet")
-            if out.exists():
-                old = out.parent / f".{out.name}.new-{os.getpid()}-old"
-                os.replace(out, old)
-                os.replace(staging, out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(staging, out)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _sample(c: Candidate, max_height: int = 0) -> Sample:

@@ -29,23 +29,25 @@ from tqdm import tqdm
 from pipeline import outputs
 from pipeline.charset import Charset
 from pipeline.cli import command, params_option, quiet_option, run
-from pipeline.data.shards import UNLABELLED
+from pipeline.data.shards import SOFT, UNLABELLED
 from pipeline.data.sources import load_sources, require_shards, shards_of
 from pipeline.data.stream import ShardStream, loader_workers, make_loader
 from pipeline.device import autocast, pick_device, pick_precision
 from pipeline.errors import ParamsError, PipelineError
 from pipeline.files import check_writable, write_json, write_text
-from pipeline.model import build_model, checkpoint
+from pipeline.model import build_model, checkpoint, output_steps
 from pipeline.model.ddddocr import PACKAGED_TRUNK
 from pipeline.model.preprocess import Preprocess
 from pipeline.model.settings import checked
 from pipeline.model.transfer import carry_weights, from_packaged_trunk
 from pipeline.params import Params, TrainParams, load_params
 from pipeline.read.inference import predict_batches
+from pipeline.read.metrics import finite_or_none
 from pipeline.training.augment import Augment
 from pipeline.training.consistency import Consistency, check_consistency
+from pipeline.training.distill import SoftTargets, check_distill
 from pipeline.training.losses import sequence_loss
-from pipeline.training.self_training import SelfTraining, check_self_training, finite_or_none
+from pipeline.training.self_training import SelfTraining, check_self_training
 from pipeline.training.weights import PretrainedAnchor, WeightAverage, parameter_groups
 
 
@@ -146,6 +148,7 @@ class Run:
     n_labelled: int = 0  # samples per epoch in train_shards
     self_training: SelfTraining | None = None  # train.pseudo_rounds
     consistency: Consistency | None = None  # train.consistency
+    soft_targets: SoftTargets | None = None  # train.distill
     average: WeightAverage | None = None  # train.ema
     anchor: PretrainedAnchor | None = None  # train.l2sp
 
@@ -212,6 +215,9 @@ def set_up(params: Params, ranks: Ranks, paths: Paths) -> Run:
         check_self_training(tp, ranks.world, val_shards, unlabelled_shards)
     if tp.consistency:
         check_consistency(tp, ranks.world, val_shards, unlabelled_shards)
+    soft_shards = [shard for shard, _ in shards_of(sources, SOFT)]
+    if tp.distill:
+        check_distill(ranks.world, soft_shards)
     n_train = sum(n for _, n in train_shards)
     total_steps = tp.epochs * math.ceil(n_train / (ranks.world * tp.batch_size))
     anchor = PretrainedAnchor(model, tp.l2sp) if tp.l2sp else None
@@ -252,6 +258,9 @@ def set_up(params: Params, ranks: Ranks, paths: Paths) -> Run:
             run.average.load_state_dict(state.pop("average"))
     if tp.consistency:
         run.consistency = Consistency(tp, unlabelled_shards, preprocess, charset, mp.ctc, tp.workers)
+    if tp.distill:
+        steps = output_steps(mp.arch, mp.settings, params.label_max_length)
+        run.soft_targets = SoftTargets(tp, soft_shards, preprocess, steps, tp.workers)
     if tp.pseudo_rounds:
         run.self_training = SelfTraining(tp, unlabelled_shards, Path(tempfile.mkdtemp(prefix="pseudo-")))
     if state is not None:
@@ -310,11 +319,9 @@ def run_epoch(run: Run, epoch: int, progress: bool) -> dict:
             lr = lr_at(done, tp.lr, tp.warmup)
             for group in run.optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
-            extra = (lambda: run.consistency.loss(run.net, run.model, run.device, run.precision)) \
-                if run.consistency else None
             loss = train_step(run.net, run.optimizer, run.scaler, batch_images, targets, lengths, device=run.device,
                               precision=run.precision, ctc=run.params.model.ctc, grad_clip=tp.grad_clip,
-                              extra_loss=extra)
+                              extra_loss=extra_losses(run))
             if run.anchor:
                 run.anchor.pull(run.model, lr)
             if run.average:
@@ -327,6 +334,23 @@ def run_epoch(run: Run, epoch: int, progress: bool) -> dict:
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", refresh=False)
     return {"seconds": time.perf_counter() - started, "images": _sum_over_ranks(images, run.ranks),
             "loss": loss_sum / max(batches, 1), "lr": lr}
+
+
+def extra_losses(run: Run) -> Callable[[], torch.Tensor | None] | None:
+    """The terms beside the labelled loss: train.consistency's and train.distill's."""
+    terms = []
+    if run.consistency:
+        terms.append(lambda: run.consistency.loss(run.net, run.model, run.device, run.precision))
+    if run.soft_targets:
+        terms.append(lambda: run.soft_targets.loss(run.net, run.device, run.precision))
+    if not terms:
+        return None
+
+    def total():
+        values = [v for v in (term() for term in terms) if v is not None]
+        return sum(values) if values else None
+
+    return total
 
 
 def overruns(state: dict, elapsed: float, budget: float, total_steps: int) -> bool:
@@ -430,6 +454,7 @@ def train(params: Params, paths: Paths = Paths(), on_epoch_end: Callable[[int], 
         "device": str(run.device), "precision": run.precision, "ranks": ranks.world, "loader_workers": run.workers,
         "parameters": sum(p.numel() for p in run.model.parameters()), "stopped": stop_reason,
         "pseudo_rounds": run.self_training.rounds if run.self_training else [],
+        "distill": {"soft_targets_read": run.soft_targets.read} if run.soft_targets else {},
         "consistency": {"unlabelled_read": run.consistency.seen, "used_as_targets": run.consistency.used,
                         "last_threshold": finite_or_none(run.consistency.threshold)} if run.consistency else {},
     }

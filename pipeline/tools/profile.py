@@ -65,7 +65,7 @@ def apply_profile(name: str, params_path: Path) -> list[str]:
 @click.argument("name")
 @params_option
 def cli(name, params_path):
-    """Write a named set of params (profiles/NAME.yaml: general, finetune) into params.yaml."""
+    """Write a named set of params (profiles/NAME.yaml: finetune, student, general) into params.yaml."""
     changed = apply_profile(name, params_path)
     click.echo(f"{params_path}: " + (", ".join(changed) if changed else "nothing to change"))
 

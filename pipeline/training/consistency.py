@@ -24,9 +24,9 @@ from pipeline.device import autocast
 from pipeline.errors import ParamsError
 from pipeline.params import TrainParams
 from pipeline.read.inference import decode_texts, softmax
+from pipeline.read.metrics import confidence_threshold
 from pipeline.training.augment import DISTORTIONS, Augment
 from pipeline.training.losses import sequence_loss
-from pipeline.training.self_training import confidence_threshold
 
 WEAK = Augment(1.0, ("crop",))
 STRONG = Augment(1.0, DISTORTIONS)

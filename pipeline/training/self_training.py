@@ -4,7 +4,6 @@ split, readings that confident are right at least train.pseudo_precision of the 
 training set as labels."""
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from pipeline.data.stream import ShardStream, make_loader
 from pipeline.errors import ParamsError
 from pipeline.params import TrainParams
 from pipeline.read.inference import predict_batches
+from pipeline.read.metrics import confidence_threshold, finite_or_none
 
 
 def check_self_training(tp: TrainParams, world: int, val_shards: list, unlabelled_shards: list[str]) -> None:
@@ -24,19 +24,6 @@ def check_self_training(tp: TrainParams, world: int, val_shards: list, unlabelle
     if world > 1 or tp.resume:
         raise ParamsError("train.pseudo_rounds: runs in one process and from the start (not under torchrun, "
                           "not with train.resume)")
-
-
-def confidence_threshold(readings: list[tuple[str, str, float]], precision: float) -> float:
-    """The lowest confidence t such that the (truth, reading, confidence) triples with confidence
-    >= t are right at least `precision` of the time; inf when no such t exists."""
-    ranked = sorted(readings, key=lambda r: -r[2])
-    threshold, right = math.inf, 0
-    for i, (truth, reading, confidence) in enumerate(ranked, 1):
-        right += truth == reading
-        # ties: every reading of this confidence is kept with it, so judge at the last of them
-        if right / i >= precision and (i == len(ranked) or ranked[i][2] < confidence):
-            threshold = confidence
-    return threshold
 
 
 def write_pseudo_shard(unlabelled_shards: list[str], labels: dict[str, str], path: Path) -> int:
@@ -54,11 +41,6 @@ def write_pseudo_shard(unlabelled_shards: list[str], labels: dict[str, str], pat
 
     write_shard(path, samples())
     return count
-
-
-def finite_or_none(threshold: float) -> float | None:
-    """A threshold as JSON holds it: None where no confidence is precise enough."""
-    return None if math.isinf(threshold) else round(threshold, 6)
 
 
 class SelfTraining:

@@ -151,3 +151,24 @@ def test_the_http_load_runs_a_real_serve_process(tiny_dataset):
     result = http_load(tiny_dataset / "models/model.pt", seconds=1.0, clients=2, workers=1,
                        bodies=request_bodies("captcha", 4))
     assert result["requests"] >= 4 and result["non_200"] == 0 and result["requests_per_second"] > 0
+
+
+def test_the_site_loop_plays_types_retrains_and_swaps(tmp_path):
+    """One round against the simulated site through a real serve process: verdicts become labels,
+    a person types rejected ones within the budget, the retrained model is swapped in."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "loop.json"
+    result = subprocess.run([sys.executable, "-m", "benchmarks.site_loop", "--style", "serif", "--rounds", "1",
+                             "--per-round", "12", "--minutes", "0.05", "--typed", "3", "--test", "10",
+                             "--unlabelled", "--set", "train.epochs=1", "--out", str(out)],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    (row,) = report["rounds"]
+    accepted = round(row["site_accepted"] * 12)
+    assert row["labels_from_verdicts"] <= accepted and row["typed"] == min(3, 12 - accepted)
+    assert row["keystrokes"] >= 4 * row["typed"]  # at least 3 characters and Enter each
+    assert report["settings"] == {"train.epochs": 1, "ingest.unlabelled": True}

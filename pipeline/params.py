@@ -165,6 +165,7 @@ class DataParams:
     workers: int
     shard_size: int
     splits: Splits
+    emphasis: dict[str, float]  # character -> how many times as often it is drawn in training labels
 
     def check(self, prefix: str) -> None:
         require(bool(self.charset), f"{prefix}.charset", "must not be empty")
@@ -185,6 +186,9 @@ class DataParams:
             require(0 < size <= 1000, f"{prefix}.font_sizes[{i}]", f"must be from 1 to 1000, got {size}")
         for i, font in enumerate(self.fonts):
             require(Path(font).is_file(), f"{prefix}.fonts[{i}]", f"font file not found: {font}")
+        for char, weight in self.emphasis.items():
+            require(char in self.charset, f"{prefix}.emphasis.{char}", "not a character of data.charset")
+            require(1 <= weight <= 100, f"{prefix}.emphasis.{char}", f"must be from 1 to 100, got {weight}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -297,3 +297,15 @@ def test_pathological_params_files_end_in_one_line(tmp_path, monkeypatch, text, 
     (tmp_path / "params.yaml").write_text(text)
     result = CliRunner().invoke(cli, ["generate", "--quiet"])
     assert result.exit_code == 2 and message in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_emphasis_draws_its_characters_more_often_in_training_only():
+    base = dataclasses.replace(default_params().data, charset="ABCDEFGH0O", min_length=4, max_length=4)
+    data = dataclasses.replace(base, emphasis={"O": 4.0, "0": 4.0})
+    train = Counter("".join(sample_spec(data, "train", i)[1] for i in range(3000)))
+    test = Counter("".join(sample_spec(data, "test", i)[1] for i in range(3000)))
+    share = (train["O"] + train["0"]) / sum(train.values())
+    assert abs(share - 8 / 16) < 0.03  # weights 4 + 4 of 8 + 8
+    assert abs((test["O"] + test["0"]) / sum(test.values()) - 2 / 10) < 0.03
+    assert [sample_spec(data, "test", i) for i in range(50)] == [sample_spec(base, "test", i) for i in range(50)]
+    assert [sample_spec(data, "train", i) for i in range(50)] != [sample_spec(base, "train", i) for i in range(50)]

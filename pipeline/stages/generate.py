@@ -48,10 +48,16 @@ def plan_shards(data: DataParams) -> list[ShardJob]:
 
 
 def sample_spec(data: DataParams, split: str, i: int) -> tuple[str, str, int]:
-    """(key, label, render seed) of sample i of a split. Characters are uniform per position."""
+    """(key, label, render seed) of sample i of a split. Characters are uniform per position, but
+    in the train split those of data.emphasis are drawn that many times as often (val and test
+    stay uniform: they measure the task as it is)."""
     rng = random.Random(derive_seed(data.seed, split, i, "label"))
     length = rng.randint(data.min_length, data.max_length)
-    label = "".join(rng.choice(data.charset) for _ in range(length))
+    if split == "train" and data.emphasis:
+        weights = [data.emphasis.get(c, 1.0) for c in data.charset]
+        label = "".join(rng.choices(data.charset, weights, k=length))
+    else:
+        label = "".join(rng.choice(data.charset) for _ in range(length))
     return f"{split}_{i:08d}", label, derive_seed(data.seed, split, i, "render")
 
 

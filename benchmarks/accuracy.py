@@ -12,7 +12,11 @@ training time; a DVC plot).
 
 A variant is a name and KEY=VALUE settings (dotted params keys, values as params.yaml reads them);
 `train_samples=N` trains on the first N captchas of the train split only (whole shards), so that
-fewer distinct captchas seen more often can be set against more seen once.
+fewer distinct captchas seen more often can be set against more seen once. A variant that sets
+data.* keys renders data of its own into its folder (not counted in its minutes) and is scored on
+its own test split: the seed's configuration, say, 192 x 64 renders:
+
+    python -m benchmarks.accuracy --minutes 21 --variant default --variant 'seed-size data.width=192'
 """
 from __future__ import annotations
 
@@ -59,7 +63,8 @@ def subset_manifest(manifest: Path, samples: int, out: Path) -> Path:
 
 
 def variant_params(raw: dict, settings: dict, folder: Path) -> Path:
-    """params.yaml with the variant's settings, written into its folder."""
+    """params.yaml with the variant's settings, written into its folder; a variant of the data
+    params has its data rendered there (train.sources then names that manifest)."""
     raw = json.loads(json.dumps(raw))  # a deep copy
     for key, value in settings.items():
         if key == SUBSET:
@@ -69,6 +74,12 @@ def variant_params(raw: dict, settings: dict, folder: Path) -> Path:
             set_dotted(raw, key, value)
     path = folder / "params.yaml"
     write_params(raw, path)
+    if any(key.startswith("data.") for key in settings):
+        manifest = folder / "manifest.parquet"
+        if not manifest.exists():
+            generate(load_params(path).data, root=folder / "shards", manifest=manifest, progress=False)
+        raw["train"]["sources"] = {str(manifest): 1}
+        write_params(raw, path)
     return path
 
 

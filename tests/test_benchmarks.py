@@ -172,3 +172,24 @@ def test_the_site_loop_plays_types_retrains_and_swaps(tmp_path):
     assert row["labels_from_verdicts"] <= accepted and row["typed"] == min(3, 12 - accepted)
     assert row["keystrokes"] >= 4 * row["typed"]  # at least 3 characters and Enter each
     assert report["settings"] == {"train.epochs": 1, "ingest.unlabelled": True}
+
+
+def test_accuracy_variants_of_the_data_render_their_own(tmp_path, monkeypatch):
+    import json
+
+    from click.testing import CliRunner
+
+    from benchmarks.accuracy import main
+    from tests.conftest import write_params
+
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path, {"data": {"splits": {"train": 120, "val": 60, "test": 60}}})
+    result = CliRunner().invoke(main, ["--minutes", "0.05", "--variant", "plain train.epochs=1", "--variant",
+                                       "wide data.width=160 train.epochs=1", "--out", "bench"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "bench/accuracy.json").read_text())["results"]
+    assert report["plain"]["n"] == report["wide"]["n"] == 60
+    assert (tmp_path / "bench/wide/manifest.parquet").exists() and not (tmp_path / "bench/plain/manifest.parquet").exists()
+    import pyarrow.parquet as pq
+
+    assert set(pq.read_table(tmp_path / "bench/wide/manifest.parquet")["width"].to_pylist()) == {160}

@@ -54,6 +54,7 @@ from pipeline.files import write_json
 from pipeline.model import checkpoint
 from pipeline.model.settings import load_model_params as load_params
 from pipeline.params import dump_yaml, read_yaml
+from pipeline.read.metrics import compute_metrics
 from pipeline.read.recognizer import Recognizer
 
 TRUNK = "ddddocr"  # --model ddddocr: ddddocr's network cut to the charset, fine-tuned as profiles/finetune.yaml ships
@@ -373,8 +374,10 @@ def main(models_given, n, styles, with_ddddocr, finetune, minutes, epochs, seeds
                     readings = result.pop("readings")
                     scores.append(score(f"{what} {n_labels} seed {seed}", readings,
                                         f" ({result['minutes_with_ingest']} min with ingest)"))
+                    confusions = compute_metrics([t.upper() for t in labels], readings)["top_confusions"]
                     report["runs"].append({"style": name, "variant": what, "settings": variant, "labels": n_labels,
-                                           "seed": seed, "test_accuracy": scores[-1], **result})
+                                           "seed": seed, "test_accuracy": scores[-1], "confusions": confusions,
+                                           **result})
                     write_json(out, report)
                 row[f"{what} {n_labels}"] = sum(scores) / len(scores)
         write_json(out, report)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shlex
 import socket
 import subprocess
@@ -43,6 +44,17 @@ def parse_variant(text: str) -> tuple[str, dict]:
 def write_params(raw: dict, path: Path) -> None:
     write_text(path, dump_yaml(raw))
     load_model_params(path)  # validated like any params file
+
+
+@contextlib.contextmanager
+def in_folder(folder: Path):
+    """Run the block with `folder` as the working directory (the stages read params.yaml there)."""
+    before = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(before)
 
 
 def host_kind() -> str:

@@ -18,7 +18,6 @@ style). Writes reports/bench/student.json.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import statistics
 import tempfile
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import click
 
-from benchmarks.common import host_kind, set_dotted
+from benchmarks.common import host_kind, in_folder, set_dotted
 from benchmarks.yardstick import ALPHABETS, accuracy, fine_tune, read_with_model, render_style
 from pipeline.files import file_sha256, write_json
 from pipeline.model import checkpoint
@@ -62,15 +61,11 @@ def student_route(teacher: Path, labelled: list[tuple[str, bytes]], unlabelled: 
     for key, value in overrides.items():
         set_dotted(params, key, value)
     (workdir / "params.yaml").write_text(dump_yaml(params))
-    cwd = Path.cwd()
-    os.chdir(workdir)
-    try:
+    with in_folder(workdir):
         loaded = load_model_params(Path("params.yaml"))
         ingest(loaded.data, loaded.ingest, skip_invalid=True)
         taught = teach(loaded, progress=False)
         summary = train(loaded, progress=False)
-    finally:
-        os.chdir(cwd)
     return workdir / "models/model.pt", {"teach": taught, "train": {
         k: summary[k] for k in ("best_val_seq_accuracy", "epochs_run", "images_seen", "train_seconds",
                                 "images_per_second", "parameters", "distill")}}

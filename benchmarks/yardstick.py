@@ -45,7 +45,7 @@ from typing import Callable
 import click
 from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont
 
-from benchmarks.common import host_kind, parse_override, parse_variant, set_dotted
+from benchmarks.common import host_kind, in_folder, parse_override, parse_variant, set_dotted
 from pipeline.data.captcha_style import Renderer
 from pipeline.data.mixed_style import YARDSTICK_FONT
 from pipeline.data.seeds import derive_seed
@@ -279,14 +279,10 @@ def fine_tune(model: Path | None, pretrained_like: Path | None, train: list[tupl
         shutil.copy(model, workdir / "pretrained/model.pt")
         params["train"]["init_from"] = "pretrained/model.pt"
     (workdir / "params.yaml").write_text(dump_yaml(params))
-    cwd = os.getcwd()
-    os.chdir(workdir)
-    try:
+    with in_folder(workdir):
         loaded = load_params(Path("params.yaml"))
         ingest(loaded.data, loaded.ingest, skip_invalid=True)
         run_train(loaded, progress=False)
-    finally:
-        os.chdir(cwd)
     return workdir / "models/model.pt"
 
 

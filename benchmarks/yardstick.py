@@ -324,9 +324,11 @@ def run_report(workdir: Path) -> dict:
               help="a params value for every fine-tune, e.g. model.ddddocr.width=256")
 @click.option("--cache", type=click.Path(path_type=Path), default=None,
               help="a folder keeping rendered captchas between runs")
+@click.option("--keep", type=click.Path(path_type=Path), default=None,
+              help="a folder keeping each fine-tuned checkpoint (STYLE-VARIANT-LABELS-sSEED.pt)")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("reports/yardstick.json"), show_default=True)
 def main(models_given, n, styles, with_ddddocr, finetune, minutes, epochs, seeds, variants, scratch, unlabelled,
-         pseudo_rounds, no_plain, crop_letterbox, settings, cache, out) -> None:
+         pseudo_rounds, no_plain, crop_letterbox, settings, cache, keep, out) -> None:
     repo = Path(__file__).resolve().parents[1]
     scratch_dir = tempfile.TemporaryDirectory()
     given = list(models_given) or ["models/model.pt"]
@@ -365,8 +367,9 @@ def main(models_given, n, styles, with_ddddocr, finetune, minutes, epochs, seeds
             for what, variant in runs + ([("scratch", {"scratch": True})] if scratch else []):
                 scores = []
                 for seed in seed_list:
+                    kept = keep / f"{name}-{what.replace(' ', '_')}-{n_labels}-s{seed}.pt" if keep else None
                     result = fine_tune_run(name, n_labels, seed, variant, common, models, trunk, minutes,
-                                           pseudo_rounds, crop_letterbox, cache, repo, images)
+                                           pseudo_rounds, crop_letterbox, cache, repo, images, kept)
                     readings = result.pop("readings")
                     scores.append(score(f"{what} {n_labels} seed {seed}", readings,
                                         f" ({result['minutes_with_ingest']} min with ingest)"))
@@ -382,8 +385,9 @@ def main(models_given, n, styles, with_ddddocr, finetune, minutes, epochs, seeds
 
 def fine_tune_run(style: str, n_labels: int, seed: int, variant: dict, common: dict, models: list[Path], trunk: bool,
                   minutes: float, pseudo_rounds: int, crop: bool, cache: Path | None, repo: Path,
-                  test_images: list[bytes]) -> dict:
-    """One fine-tune of a variant on `n_labels` captchas of seed `seed`, read on the test images."""
+                  test_images: list[bytes], keep: Path | None = None) -> dict:
+    """One fine-tune of a variant on `n_labels` captchas of seed `seed`, read on the test images
+    (the checkpoint copied to `keep` when given)."""
     variant = dict(variant)
     n_unlabelled, from_scratch = int(variant.pop("unlabelled", 0)), bool(variant.pop("scratch", False))
     train = render_style(style, "train", n_labels, seed, cache)
@@ -399,6 +403,9 @@ def fine_tune_run(style: str, n_labels: int, seed: int, variant: dict, common: d
                           overrides={"train.seed": seed, **common, **variant})
         took = time.perf_counter() - started
         readings, _ = read_with_model(tuned, test_images, ALPHABETS[style])
+        if keep:
+            keep.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(tuned, keep)
         return {"readings": readings, "minutes_with_ingest": round(took / 60, 2), **run_report(Path(tmp))}
 
 

@@ -76,3 +76,21 @@ def test_the_average_follows_its_formula():
         expected = decay * expected + (1 - decay) * model.weight.detach()
     assert torch.allclose(average.model.weight, expected)
     assert not average.model.weight.requires_grad
+
+
+def test_without_a_val_split_model_pt_is_the_last_epoch(tmp_path, monkeypatch):
+    """Every label can go to training (ingest.fractions train 1.0): with nothing to choose by,
+    model.pt follows the latest epoch instead of staying at the first."""
+    from pipeline.model.settings import load_model_params
+    from pipeline.stages.ingest import ingest
+    from tests.conftest import digits_site, fine_tune_params
+
+    monkeypatch.chdir(tmp_path)
+    digits_site(tmp_path / "site", 30, 0)
+    fine_tune_params(tmp_path, "site", {"epochs": 2}, fractions={"train": 1.0, "val": 0.0, "test": 0.0})
+    params = load_model_params("params.yaml")
+    ingest(params.data, params.ingest)
+    summary = train(params, progress=False)
+    kept, last = checkpoint.read(tmp_path / "models/model.pt"), checkpoint.read(tmp_path / "models/last.pt")
+    assert summary["epochs_run"] == 2 and kept["info"]["epoch"] == 2
+    assert all(torch.equal(kept["state_dict"][k], last["state_dict"][k]) for k in kept["state_dict"])

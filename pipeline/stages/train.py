@@ -429,7 +429,8 @@ def train(params: Params, paths: Paths = Paths(), on_epoch_end: Callable[[int], 
                "lr": result["lr"], "images_per_second": round(result["images"] / result["seconds"], 1),
                "elapsed_s": round(state["seconds"], 1), "seconds": round(result["seconds"], 1)}
         state["history"].append(row)
-        improved = val_acc > state["best"]
+        # without a val split there is nothing to choose by: the latest weights are the best known
+        improved = val_acc > state["best"] or run.val_loader is None
         if improved:
             state["best"], state["best_epoch"] = val_acc, epoch + 1
         if ranks.main:

@@ -22,7 +22,7 @@ does not change the result.
 \b
     python -m benchmarks.yardstick --model ddddocr --ddddocr --finetune 1000 --minutes 10 [--unlabelled 10000]
     python -m benchmarks.yardstick --model ddddocr --styles claptcha,wheezy --finetune 1000 --epochs 20 \\
-        --seeds 0,1 --variant base --variant 'ema train.ema=0.999' --cache ~/.cache/yardstick
+        --seeds 0,1 --variant base --variant 'trunk train.trunk_lr=0.3' --cache ~/.cache/yardstick
 
 Needs the ddddocr extra (make install installs it).
 """

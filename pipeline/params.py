@@ -235,8 +235,6 @@ class TrainParams:
     max_minutes: float  # training-time budget, also driving the lr schedule; 0 = none
     shuffle_buffer: int
     trunk_lr: float  # the learning rate of all but the output layer, as a fraction of lr
-    ema: float  # decay of the weights' moving average that val reads and model.pt keeps; 0: none
-    l2sp: float  # pull of the trunk's weights toward train.init_from's, per unit of lr; 0: none
     augment: float  # probability that a training image is distorted
     distortions: list[str]  # which distortions (pipeline/training/augment.py), checked there
     compile: bool
@@ -261,10 +259,6 @@ class TrainParams:
         require(0 <= self.warmup < 1, f"{prefix}.warmup", f"must be in [0, 1), got {self.warmup}")
         require(0 <= self.augment <= 1, f"{prefix}.augment", f"must be in [0, 1], got {self.augment}")
         require(0 < self.trunk_lr <= 1, f"{prefix}.trunk_lr", f"must be in (0, 1], got {self.trunk_lr}")
-        require(0 <= self.ema < 1, f"{prefix}.ema", f"must be in [0, 1), got {self.ema}")
-        require(self.l2sp >= 0, f"{prefix}.l2sp", f"must be >= 0, got {self.l2sp}")
-        require(not self.l2sp or bool(self.init_from), f"{prefix}.l2sp",
-                "pulls toward pretrained weights: set train.init_from too")
         for name in ("weight_decay", "grad_clip", "max_minutes", "patience"):
             require(getattr(self, name) >= 0, f"{prefix}.{name}", f"must be >= 0, got {getattr(self, name)}")
         require(self.pseudo_rounds >= 0, f"{prefix}.pseudo_rounds", f"must be >= 0, got {self.pseudo_rounds}")

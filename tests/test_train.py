@@ -96,7 +96,7 @@ def test_resume_after_an_interruption_gives_the_same_weights(tiny_dataset, tmp_p
     monkeypatch.chdir(tiny_dataset)
     # the shipped loader workers and dropout: a worker started before or after the resume, and
     # dropout drawing from torch's random state, must not make the two runs differ
-    params = load_params(write_params(tmp_path, {"train": {"epochs": 2, "augment": 0.5, "workers": 1, "ema": 0.9},
+    params = load_params(write_params(tmp_path, {"train": {"epochs": 2, "augment": 0.5, "workers": 1},
                                                  "model": {"fast": {"dropout": 0.1}}}))
 
     whole = Paths(*(tmp_path / "whole" / name for name in ("model.pt", "last.pt", "h.tsv", "t.json")))

@@ -48,7 +48,7 @@ from pipeline.training.consistency import Consistency, check_consistency
 from pipeline.training.distill import SoftTargets, check_distill
 from pipeline.training.losses import sequence_loss
 from pipeline.training.self_training import SelfTraining, check_self_training
-from pipeline.training.weights import PretrainedAnchor, WeightAverage, parameter_groups
+from pipeline.training.weights import parameter_groups
 
 
 @dataclass(frozen=True)
@@ -94,9 +94,9 @@ def lr_at(progress: float, peak: float, warmup: float) -> float:
     return peak / 1000 + (peak - peak / 1000) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def make_optimizer(model: nn.Module, tp: TrainParams, anchor: PretrainedAnchor | None) -> torch.optim.Optimizer:
-    """AdamW over the groups of `parameter_groups` (train.trunk_lr; no decay for 1-d or anchored weights)."""
-    return torch.optim.AdamW(parameter_groups(model, tp.weight_decay, tp.trunk_lr, anchor), lr=tp.lr)
+def make_optimizer(model: nn.Module, tp: TrainParams) -> torch.optim.Optimizer:
+    """AdamW over the groups of `parameter_groups` (train.trunk_lr; no decay for 1-d weights)."""
+    return torch.optim.AdamW(parameter_groups(model, tp.weight_decay, tp.trunk_lr), lr=tp.lr)
 
 
 def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
@@ -149,13 +149,6 @@ class Run:
     self_training: SelfTraining | None = None  # train.pseudo_rounds
     consistency: Consistency | None = None  # train.consistency
     soft_targets: SoftTargets | None = None  # train.distill
-    average: WeightAverage | None = None  # train.ema
-    anchor: PretrainedAnchor | None = None  # train.l2sp
-
-    @property
-    def reader(self) -> nn.Module:
-        """The weights that val reads and models/model.pt keeps: the average where there is one."""
-        return self.average.model if self.average else self.model
 
 
 def build(params: Params, paths: Paths) -> nn.Module:
@@ -220,8 +213,7 @@ def set_up(params: Params, ranks: Ranks, paths: Paths) -> Run:
         check_distill(ranks.world, soft_shards)
     n_train = sum(n for _, n in train_shards)
     total_steps = tp.epochs * math.ceil(n_train / (ranks.world * tp.batch_size))
-    anchor = PretrainedAnchor(model, tp.l2sp) if tp.l2sp else None
-    optimizer = make_optimizer(model, tp, anchor)
+    optimizer = make_optimizer(model, tp)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     state = resume_state(params, paths, model, optimizer, ranks) if tp.resume and paths.last.exists() else None
 
@@ -251,11 +243,6 @@ def set_up(params: Params, ranks: Ranks, paths: Paths) -> Run:
     run = Run(params, ranks, device, precision, charset, model, net, optimizer, scaler, train_stream,
               train_loader, val_loader, workers, n_train, total_steps,
               train_shards=[s for s, _ in train_shards], n_labelled=n_train)
-    run.anchor = anchor
-    if tp.ema:
-        run.average = WeightAverage(model, tp.ema)
-        if state is not None and "average" in state:
-            run.average.load_state_dict(state.pop("average"))
     if tp.consistency:
         run.consistency = Consistency(tp, unlabelled_shards, preprocess, charset, mp.ctc, tp.workers)
     if tp.distill:
@@ -279,7 +266,7 @@ def resume_state(params: Params, paths: Paths, model: nn.Module, optimizer, rank
     torch.set_rng_state(last["rng"])
     if ranks.main:
         print(f"resuming after epoch {last['state']['epoch']} from {paths.last}", file=sys.stderr)
-    return last["state"] | ({"average": last["average"]} if "average" in last else {})
+    return last["state"]
 
 
 def run_epoch(run: Run, epoch: int, progress: bool) -> dict:
@@ -322,10 +309,6 @@ def run_epoch(run: Run, epoch: int, progress: bool) -> dict:
             loss = train_step(run.net, run.optimizer, run.scaler, batch_images, targets, lengths, device=run.device,
                               precision=run.precision, ctc=run.params.model.ctc, grad_clip=tp.grad_clip,
                               extra_loss=extra_losses(run))
-            if run.anchor:
-                run.anchor.pull(run.model, lr)
-            if run.average:
-                run.average.update(run.model)
             state["step"] += 1
             batches += 1
             loss_sum += loss.item()
@@ -364,7 +347,7 @@ def val_readings(run: Run) -> list[tuple[str, str, float]]:
     if run.val_loader is None:
         return []
     return [(truth, pred, conf) for truth, pred, conf, _key in predict_batches(
-        run.reader, run.val_loader, run.device, run.precision, run.charset, run.params.model.ctc)]
+        run.model, run.val_loader, run.device, run.precision, run.charset, run.params.model.ctc)]
 
 
 def val_accuracy(readings: list[tuple[str, str, float]], ranks: Ranks) -> float:
@@ -377,7 +360,7 @@ def val_accuracy(readings: list[tuple[str, str, float]], ranks: Ranks) -> float:
 def self_training_round(run: Run, readings: list[tuple[str, str, float]]) -> None:
     """Label the unlabelled samples the model reads confidently; train on them from the next epoch."""
     tp = run.params.train
-    shard, record = run.self_training.round(run.reader, readings, run.val_loader.dataset.transform, run.device,
+    shard, record = run.self_training.round(run.model, readings, run.val_loader.dataset.transform, run.device,
                                             run.precision, run.charset, run.params.model.ctc, run.state["epoch"])
     shards = run.train_shards + ([str(shard)] if shard else [])
     run.train_stream.shards = shards  # read from the next epoch on, by the workers started then
@@ -397,11 +380,9 @@ def save_checkpoints(run: Run, paths: Paths, epoch: int, val_acc: float, improve
     model_fields = dict(arch=params.model.arch, settings=params.model.settings_dict(),
                         charset=params.model_charset, max_length=params.label_max_length, info=info)
     if improved:
-        checkpoint.save(paths.model, checkpoint.contents(run.reader, **model_fields))
-    resume = {"average": run.average.state_dict()} if run.average else {}
+        checkpoint.save(paths.model, checkpoint.contents(run.model, **model_fields))
     checkpoint.save(paths.last, checkpoint.contents(
-        run.model, **model_fields, optimizer=run.optimizer.state_dict(), state=run.state, rng=torch.get_rng_state(),
-        **resume))
+        run.model, **model_fields, optimizer=run.optimizer.state_dict(), state=run.state, rng=torch.get_rng_state()))
     write_history(paths.history, run.state["history"])
 
 

@@ -270,6 +270,21 @@ def test_profiles_write_their_keys_and_keep_the_rest(tmp_path, monkeypatch, name
     assert "# Grouped by stage" in Path("params.yaml").read_text() != before  # comments kept
 
 
+@pytest.mark.parametrize("name", ["general", "student"])
+def test_a_profile_after_finetune_leaves_none_of_its_trunk_levers(tmp_path, monkeypatch, name):
+    """A from-scratch model with the trunk at finetune's fraction of the rate would learn slowly."""
+    import shutil
+
+    from tests.conftest import REPO
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(REPO / "params.yaml", "params.yaml")
+    for profile in ("finetune", name):
+        assert CliRunner().invoke(cli, ["profile", profile]).exit_code == 0
+    train = load_model_params(Path("params.yaml")).train
+    assert train.init_from == "" and train.freeze == [] and train.trunk_lr == 1.0
+
+
 def test_a_bad_profile_changes_nothing(tmp_path, monkeypatch):
     import shutil
 

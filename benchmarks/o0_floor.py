@@ -90,7 +90,7 @@ def fit(train_x, train_y, val_x, val_y, epochs: int, seed: int) -> tuple[nn.Modu
             optimizer.step()
             schedule.step()
         error = char_error(model, val_x, val_y)
-        history.append({"epoch": epoch + 1, "train_loss": round(float(loss), 5), "val_char_error": error})
+        history.append({"epoch": epoch + 1, "train_loss": round(loss.item(), 5), "val_char_error": error})
         print(json.dumps(history[-1]), flush=True)
         if error <= best:
             best, best_state = error, {k: v.clone() for k, v in model.state_dict().items()}

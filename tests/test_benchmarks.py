@@ -193,3 +193,17 @@ def test_accuracy_variants_of_the_data_render_their_own(tmp_path, monkeypatch):
     import pyarrow.parquet as pq
 
     assert set(pq.read_table(tmp_path / "bench/wide/manifest.parquet")["width"].to_pylist()) == {160}
+
+
+def test_generate_process_times_the_stage_against_the_bare_loop():
+    import json
+
+    from click.testing import CliRunner
+
+    from benchmarks.generate_process import main
+
+    result = CliRunner().invoke(main, ["--n", "20", "--repeats", "2"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.output.splitlines()]
+    assert len(rows) == 3 and all(r["bare_s"] > 0 and r["generate_s"] > 0 for r in rows[:2])
+    assert rows[2]["median_ratio"] == sum(r["ratio"] for r in rows[:2]) / 2

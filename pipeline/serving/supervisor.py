@@ -111,5 +111,5 @@ def supervise(workers: int, start_worker, quick_failure_s: float = 10.0, down=No
 
 
 def default_workers() -> int:
-    """One process per core (measured fastest on 2 cores: README), at most 8."""
+    """One process per core (measured fastest on 2 cores: docs/benchmarks.md, "Serving"), at most 8."""
     return max(1, min(8, os.cpu_count() or 1))

@@ -95,7 +95,7 @@ def train_rate(params: Params, model_params: ModelParams, precision: str, batch:
     x = torch.randn(batch, settings.channels, settings.height, settings.width)
     if channels_last:  # as pipeline.stages.train does
         model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, params.train, anchor=None)
+    optimizer = make_optimizer(model, params.train)
     scaler = torch.amp.GradScaler(dev.type, enabled=precision == "fp16")
     targets = torch.randint(1, charset.num_classes, (batch * length,))
     lengths = torch.full((batch,), length)
